@@ -1,0 +1,35 @@
+# Two commands from a fresh Debian machine: `make run` (the platform) and `make test`.
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install run test test-unit lint format services services-down status
+
+install:  ## system packages (apt) and the project in .venv
+	@scripts/bootstrap.sh
+
+run: install  ## services, db init, demo traffic, Dagster UI on 127.0.0.1:3000; Ctrl-C stops
+	@$(BIN)/engagement run
+
+test: install lint  ## everything CI runs: lint, unit and integration tests on real services
+	$(BIN)/pytest
+
+test-unit: install
+	$(BIN)/pytest -m "not integration and not faults"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy engagement_dagster
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+services: install  ## local PostgreSQL, Redis and Kafka only
+	@$(BIN)/engagement services up
+
+services-down:
+	@$(BIN)/engagement services down
+
+status:
+	@$(BIN)/engagement services status

@@ -1,0 +1,184 @@
+"""The `engagement` command: local services, source database, demo traffic and the platform.
+
+Thin: every command parses its options and calls lib/; no logic lives here that a Dagster asset
+or a test would need too.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from engagement_dagster.lib.settings import get_settings
+
+console = Console()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Engagement events from PostgreSQL to ClickHouse, Redis and Kafka, exactly once."""
+
+
+@main.group()
+def services() -> None:
+    """The private local services: PostgreSQL, Redis, Kafka (and embedded ClickHouse)."""
+
+
+@services.command("up")
+def services_up() -> None:
+    """Start the local services that are not running yet (idempotent)."""
+    from engagement_dagster.lib.local_services import ServiceError, local_services
+
+    for service in local_services(get_settings()):
+        try:
+            result = service.start()
+        except ServiceError as exc:
+            console.print(f"[red]{service.name}: {exc}[/red]")
+            sys.exit(1)
+        console.print(f"{result.name:<10} {result.detail}")
+
+
+@services.command("down")
+def services_down() -> None:
+    """Stop the local services (their data stays under .local/)."""
+    from engagement_dagster.lib.local_services import services_down as stop_all
+
+    stopped = stop_all(get_settings())
+    console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@services.command("status")
+def services_status() -> None:
+    """Each of the four systems: healthy, or why not. Exit 1 when any is unhealthy."""
+    from engagement_dagster.lib.health import all_health
+
+    results = all_health(get_settings())
+    table = Table(title="engagement services")
+    table.add_column("system")
+    table.add_column("state")
+    table.add_column("detail", overflow="fold")
+    for health in results:
+        state = "[green]healthy[/green]" if health.healthy else "[red]unhealthy[/red]"
+        table.add_row(health.system, state, health.detail)
+    console.print(table)
+    sys.exit(0 if all(h.healthy for h in results) else 1)
+
+
+@main.group()
+def db() -> None:
+    """The source database."""
+
+
+@db.command("init")
+def db_init() -> None:
+    """Create the schema, REPLICA IDENTITY FULL, publication and slot (idempotent)."""
+    from engagement_dagster.lib.source_db import SourceDatabaseError, init_source
+
+    settings = get_settings()
+    try:
+        report = init_source(settings.pg_dsn, slot=settings.slot, publication=settings.publication)
+    except SourceDatabaseError as exc:
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(1)
+    added = ", ".join(report.publication_tables_added)
+    console.print(
+        f"database   {'created' if report.database_created else 'exists'}\n"
+        f"tables     content, engagement_events (engagement_events REPLICA IDENTITY FULL)\n"
+        f"publication {settings.publication} "
+        f"{'created' if report.publication_created else 'exists'}"
+        f"{f' (added {added})' if added else ''}\n"
+        f"slot       {settings.slot} {'created' if report.slot_created else 'exists'} (pgoutput)"
+    )
+
+
+@main.command()
+@click.option("--content", "count", default=500, show_default=True, help="Content rows wanted.")
+@click.option("--seed", type=int, default=None, help="Random seed, for repeatable data.")
+def seed(count: int, seed: int | None) -> None:
+    """Insert demo content until the catalogue holds --content items."""
+    from engagement_dagster.lib.generator import seed_content
+
+    added = seed_content(get_settings().pg_dsn, count, seed=seed)
+    console.print(f"content: {added} items added")
+
+
+@main.command()
+@click.option("--rate", default=50.0, show_default=True, help="Changes per second offered.")
+@click.option(
+    "--duration", type=float, default=None, help="Seconds to run (default: until Ctrl-C)."
+)
+@click.option("--update-ratio", default=0.05, show_default=True, help="Share of UPDATEs.")
+@click.option("--delete-ratio", default=0.02, show_default=True, help="Share of DELETEs.")
+@click.option("--invalid-ratio", default=0.0, show_default=True, help="Share of invalid rows.")
+@click.option(
+    "--content-update-ratio", default=0.001, show_default=True, help="Share of content UPDATEs."
+)
+@click.option(
+    "--max-events-per-txn",
+    default=5,
+    show_default=True,
+    help="Largest transaction (most are 1-3 changes).",
+)
+@click.option("--workers", default=1, show_default=True, help="Connections committing at once.")
+@click.option("--seed", type=int, default=None, help="Random seed, for repeatable traffic.")
+def generate(
+    rate: float,
+    duration: float | None,
+    update_ratio: float,
+    delete_ratio: float,
+    invalid_ratio: float,
+    content_update_ratio: float,
+    max_events_per_txn: int,
+    workers: int,
+    seed: int | None,
+) -> None:
+    """Realistic engagement traffic: Zipf-like popularity, many small transactions."""
+    import signal
+
+    from engagement_dagster.lib.generator import TrafficOptions, TrafficReport, run_traffic
+
+    options = TrafficOptions(
+        rate=rate,
+        duration_s=duration,
+        update_ratio=update_ratio,
+        delete_ratio=delete_ratio,
+        invalid_ratio=invalid_ratio,
+        content_update_ratio=content_update_ratio,
+        max_events_per_txn=max_events_per_txn,
+        workers=workers,
+        seed=seed,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def progress(report: TrafficReport) -> None:
+        console.print(
+            f"{report.elapsed_s:7.1f}s  inserted {report.inserted:,}  updated {report.updated:,}"
+            f"  deleted {report.deleted:,}  invalid {report.invalid:,}"
+            f"  ({report.events_per_s:,.0f} changes/s)",
+            highlight=False,
+        )
+
+    report = run_traffic(get_settings().pg_dsn, options, stop=stop, on_progress=progress)
+    console.print(f"done: {report}")
+
+
+@main.command()
+@click.option("--ui-port", default=3000, show_default=True, help="Dagster UI port on 127.0.0.1.")
+@click.option("--rate", default=50.0, show_default=True, help="Demo traffic, changes per second.")
+@click.option("--content", default=500, show_default=True, help="Demo content items.")
+def run(ui_port: int, rate: float, content: int) -> None:
+    """The platform: local services, db init, demo traffic, Dagster webserver and daemon."""
+    from engagement_dagster.lib.supervisor import PlatformOptions, run_platform
+
+    options = PlatformOptions(ui_port=ui_port, rate=rate, content=content)
+    sys.exit(run_platform(get_settings(), options))
+
+
+if __name__ == "__main__":
+    main()

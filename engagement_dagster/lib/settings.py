@@ -1,0 +1,81 @@
+"""Configuration: the one home of every setting, read from ENGAGEMENT_* environment variables.
+
+Every value has a local default so that nothing needs setting on a developer machine; no other
+module may hard-code a host, port, path or name that appears here.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def validate_identifier(name: str) -> str:
+    """Accept a lower-case SQL identifier (what PostgreSQL allows unquoted); reject anything else.
+
+    Slot and publication names come from configuration and end up in DDL, so they are checked
+    here once instead of being quoted ad hoc at every use.
+    """
+    if not _IDENTIFIER.match(name):
+        raise ValueError(
+            f"{name!r} is not a valid identifier: use 1-63 characters of a-z, 0-9 and _, "
+            "starting with a letter or _"
+        )
+    return name
+
+
+Identifier = Annotated[str, AfterValidator(validate_identifier)]
+
+
+def _default_local_dir() -> Path:
+    return PROJECT_ROOT / ".local"
+
+
+class Settings(BaseSettings):
+    """Settings of every process: CLI, Dagster code location, stream runs and tests."""
+
+    model_config = SettingsConfigDict(env_prefix="ENGAGEMENT_", frozen=True, extra="ignore")
+
+    local_dir: Path = Field(
+        default_factory=_default_local_dir,
+        description="Where the private local services keep their data, logs and pid files.",
+    )
+    pg_dsn: str = "postgresql://postgres@127.0.0.1:55432/engagement"
+    redis_url: str = "redis://127.0.0.1:56379/0"
+    clickhouse_url: str = Field(
+        default="",
+        description="chdb:///path for embedded chDB (default: .local/clickhouse), "
+        "or http(s)://user:password@host:port for a ClickHouse server.",
+    )
+    kafka_bootstrap: str = "127.0.0.1:59092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    slot: Identifier = "engagement_slot"
+    publication: Identifier = "engagement_pub"
+    stream_run_seconds: int = Field(default=300, ge=0)
+
+    @property
+    def clickhouse_dsn(self) -> str:
+        return self.clickhouse_url or f"chdb://{self.local_dir / 'clickhouse'}"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.local_dir / "dagster"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,208 @@
+"""The source database: schema of DESIGN §2, the publication and the replication slot.
+
+`init_source` is idempotent and safe to re-run against a live system; it never drops or rewrites
+data, and it refuses (with the fix) when the server cannot do logical replication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from engagement_dagster.lib.settings import validate_identifier
+
+SOURCE_TABLES = ("content", "engagement_events")
+
+CREATE_CONTENT = """
+CREATE TABLE IF NOT EXISTS content (
+    id             uuid PRIMARY KEY,
+    slug           text UNIQUE,
+    title          text,
+    content_type   text,            -- podcast | newsletter | video
+    length_seconds integer NULL,
+    publish_ts     timestamptz
+)
+"""
+
+CREATE_ENGAGEMENT_EVENTS = """
+CREATE TABLE IF NOT EXISTS engagement_events (
+    id          bigserial PRIMARY KEY,
+    content_id  uuid REFERENCES content(id),
+    user_id     uuid,
+    event_type  text,               -- play | pause | finish | click
+    event_ts    timestamptz,
+    duration_ms integer NULL,
+    device      text,
+    raw_payload jsonb
+)
+"""
+
+# Daily backfills read one day of events by event_ts.
+CREATE_EVENT_TS_INDEX = (
+    "CREATE INDEX IF NOT EXISTS engagement_events_event_ts_idx ON engagement_events (event_ts)"
+)
+
+# UPDATE and DELETE must carry the whole old row so live aggregates can retract it.
+REPLICA_IDENTITY_FULL = "ALTER TABLE engagement_events REPLICA IDENTITY FULL"
+
+PUBLICATION_TABLES = """
+SELECT tablename FROM pg_publication_tables WHERE pubname = %s AND schemaname = 'public'
+"""
+
+SLOT_INFO = """
+SELECT plugin, slot_type, database, active, active_pid, wal_status,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS lag_bytes
+FROM pg_replication_slots WHERE slot_name = %s
+"""
+
+
+class SourceDatabaseError(RuntimeError):
+    """The source database cannot serve the change stream; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    name: str
+    plugin: str
+    database: str
+    active: bool
+    active_pid: int | None
+    wal_status: str | None
+    lag_bytes: int | None
+
+
+@dataclass(frozen=True)
+class InitReport:
+    database_created: bool
+    publication_created: bool
+    publication_tables_added: tuple[str, ...]
+    slot_created: bool
+
+
+@contextmanager
+def connect(dsn: str, *, autocommit: bool = True) -> Iterator[psycopg2.extensions.connection]:
+    """A short-lived connection that is always closed."""
+    conn = psycopg2.connect(dsn, connect_timeout=5, application_name="engagement")
+    conn.autocommit = autocommit
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def ensure_database(dsn: str) -> bool:
+    """Create the DSN's database when the server does not have it yet; True when created."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    name = params.get("dbname") or params.get("user") or "postgres"
+    try:
+        with connect(dsn):
+            return False
+    except psycopg2.OperationalError as exc:
+        if f'database "{name}" does not exist' not in str(exc):
+            raise
+    maintenance = psycopg2.extensions.make_dsn(dsn, dbname="postgres")
+    with connect(maintenance) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return True
+
+
+def slot_info(conn: psycopg2.extensions.connection, slot: str) -> SlotInfo | None:
+    with conn.cursor() as cur:
+        cur.execute(SLOT_INFO, (slot,))
+        row = cur.fetchone()
+    if row is None:
+        return None
+    plugin, _slot_type, database, active, active_pid, wal_status, lag_bytes = row
+    return SlotInfo(slot, plugin, database, active, active_pid, wal_status, lag_bytes)
+
+
+def check_logical_replication(conn: psycopg2.extensions.connection) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SHOW wal_level")
+        row = cur.fetchone()
+    wal_level = row[0] if row else "unknown"
+    if wal_level != "logical":
+        raise SourceDatabaseError(
+            f"PostgreSQL has wal_level={wal_level}; the change stream needs logical decoding. "
+            "Fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL "
+            "(the local service started by `engagement services up` already has it)."
+        )
+
+
+def init_source(dsn: str, *, slot: str, publication: str) -> InitReport:
+    """Create (or complete) the tables, replica identity, publication and slot.
+
+    The publication is created before the slot: pgoutput resolves the publication with the
+    catalog as of each change, so a slot older than its publication cannot decode its first
+    changes.
+    """
+    validate_identifier(slot)
+    validate_identifier(publication)
+    database_created = ensure_database(dsn)
+    with connect(dsn) as conn, conn.cursor() as cur:
+        check_logical_replication(conn)
+        # Serialize concurrent `db init` runs (make run and a test, say) on one advisory lock.
+        cur.execute("SELECT pg_advisory_lock(hashtext('engagement db init'))")
+        try:
+            cur.execute(CREATE_CONTENT)
+            cur.execute(CREATE_ENGAGEMENT_EVENTS)
+            cur.execute(CREATE_EVENT_TS_INDEX)
+            cur.execute(REPLICA_IDENTITY_FULL)
+            publication_created, added = _ensure_publication(cur, publication)
+            slot_created = _ensure_slot(conn, slot)
+        finally:
+            cur.execute("SELECT pg_advisory_unlock(hashtext('engagement db init'))")
+    return InitReport(database_created, publication_created, added, slot_created)
+
+
+def _ensure_publication(
+    cur: psycopg2.extensions.cursor, publication: str
+) -> tuple[bool, tuple[str, ...]]:
+    cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
+    tables = sql.SQL(", ").join(sql.Identifier(t) for t in SOURCE_TABLES)
+    if cur.fetchone() is None:
+        cur.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(publication), tables
+            )
+        )
+        return True, ()
+    cur.execute(PUBLICATION_TABLES, (publication,))
+    present = {row[0] for row in cur.fetchall()}
+    missing = tuple(t for t in SOURCE_TABLES if t not in present)
+    if missing:
+        cur.execute(
+            sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                sql.Identifier(publication),
+                sql.SQL(", ").join(sql.Identifier(t) for t in missing),
+            )
+        )
+    return False, missing
+
+
+def _ensure_slot(conn: psycopg2.extensions.connection, slot: str) -> bool:
+    existing = slot_info(conn, slot)
+    if existing is not None:
+        if existing.plugin != "pgoutput":
+            raise SourceDatabaseError(
+                f"replication slot {slot!r} exists with plugin {existing.plugin!r}, not pgoutput. "
+                f"Fix: drop it (SELECT pg_drop_replication_slot('{slot}')) or set ENGAGEMENT_SLOT "
+                "to another name."
+            )
+        if existing.database != conn.get_dsn_parameters().get("dbname"):
+            raise SourceDatabaseError(
+                f"replication slot {slot!r} belongs to database {existing.database!r}. "
+                "Fix: set ENGAGEMENT_SLOT to a name unique to this database."
+            )
+        return False
+    with conn.cursor() as cur:
+        try:
+            cur.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        except psycopg2.errors.DuplicateObject:
+            return False  # created by a concurrent init between our check and create
+    return True

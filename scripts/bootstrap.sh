@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what `make run` and `make test` need on a bare Debian machine: the system packages
+# (PostgreSQL, Redis, a JRE, Maven) and the project in .venv. Safe to re-run; changes nothing
+# that is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null \
+  || missing+=(postgresql)
+command -v redis-server >/dev/null || missing+=(redis-server)
+java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1 || true)
+[ "${java_major:-0}" -ge 17 ] 2>/dev/null || missing+=(default-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing system packages: ${missing[*]}"
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  elif sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  else
+    echo "bootstrap: missing ${missing[*]} and no root. Fix: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "bootstrap: Python >= 3.11 needed, found $(python3 --version). Fix: apt-get install -y python3.11" >&2
+  exit 1
+}
+[ -x .venv/bin/python ] || python3 -m venv .venv
+[ -x .venv/bin/uv ] || .venv/bin/python -m pip install -q --disable-pip-version-check 'uv>=0.5'
+# --inexact keeps uv itself (and pip) in the venv; --frozen installs exactly uv.lock.
+UV_LINK_MODE=copy .venv/bin/uv sync -q --frozen --inexact --extra dev

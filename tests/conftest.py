@@ -1,0 +1,77 @@
+"""Shared fixtures: the test settings and the real local services the integration tests use.
+
+Tests get their own database, slot, publication, Redis db and chDB path, so `make test` never
+disturbs the demo data of a running `make run`. A service that cannot start fails the run with
+the fix in the message; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engagement_dagster.lib.settings import PROJECT_ROOT, Settings, get_settings
+
+TEST_LOCAL = PROJECT_ROOT / ".local"
+os.environ.update(
+    {
+        "ENGAGEMENT_PG_DSN": "postgresql://postgres@127.0.0.1:55432/engagement_test",
+        "ENGAGEMENT_REDIS_URL": "redis://127.0.0.1:56379/15",
+        "ENGAGEMENT_CLICKHOUSE_URL": f"chdb://{TEST_LOCAL / 'test' / 'clickhouse'}",
+        "ENGAGEMENT_KAFKA_BOOTSTRAP": "127.0.0.1:59092",
+        "ENGAGEMENT_SLOT": "engagement_test_slot",
+        "ENGAGEMENT_PUBLICATION": "engagement_test_pub",
+        "DAGSTER_HOME": str(TEST_LOCAL / "test" / "dagster"),
+    }
+)
+get_settings.cache_clear()
+(TEST_LOCAL / "test" / "dagster").mkdir(parents=True, exist_ok=True)
+shutil.copyfile(PROJECT_ROOT / "dagster.yaml", TEST_LOCAL / "test" / "dagster" / "dagster.yaml")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by folder, so `-m "not integration"` runs the unit tests alone."""
+    for item in items:
+        path = Path(str(item.fspath))
+        if "integration" in path.parts:
+            item.add_marker(pytest.mark.integration)
+        if "faults" in path.parts:
+            item.add_marker(pytest.mark.faults)
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def services(settings: Settings) -> Iterator[Settings]:
+    """PostgreSQL, Redis and Kafka running on loopback; stopped afterwards if we started them."""
+    from engagement_dagster.lib.local_services import ServiceError, local_services
+
+    started = []
+    for service in local_services(settings):
+        try:
+            if service.start().started:
+                started.append(service)
+        except ServiceError as exc:
+            for s in reversed(started):
+                s.stop()
+            pytest.fail(f"local {service.name} could not start: {exc}", pytrace=False)
+    yield settings
+    for service in reversed(started):
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def source_dsn(services: Settings) -> Iterator[str]:
+    """A freshly created test database with `engagement db init` applied."""
+    from tests.support import reset_test_database
+
+    reset_test_database(services)
+    yield services.pg_dsn
+    reset_test_database(services, recreate=False)

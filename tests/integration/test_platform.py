@@ -1,0 +1,91 @@
+"""`engagement run` (what `make run` starts): UI with the code location, traffic, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from engagement_dagster.lib.local_services import local_services, port_open
+from engagement_dagster.lib.settings import Settings
+from engagement_dagster.lib.source_db import connect
+from engagement_dagster.lib.supervisor import Platform, PlatformOptions
+
+BIN = Path(sys.executable).parent
+UI_PORT = 3311  # not 3000, so a developer's `make run` can stay up while tests run
+RATE = 40.0
+
+
+def _max_event_id(dsn: str) -> int:
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT coalesce(max(id), 0) FROM engagement_events")
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_run_brings_up_the_ui_with_traffic_and_stops_cleanly(
+    source_dsn: str, settings: Settings
+) -> None:
+    process = subprocess.Popen(
+        [
+            str(BIN / "engagement"),
+            "run",
+            "--ui-port",
+            str(UI_PORT),
+            "--rate",
+            str(RATE),
+            "--content",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not any(line.startswith("Dagster UI:") for line in lines):
+            assert process.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "no UI after 240 s:\n" + "".join(lines)
+            time.sleep(0.5)
+
+        platform = Platform(settings, PlatformOptions(ui_port=UI_PORT))
+        assert platform.location_status() == "LOADED"
+
+        status = subprocess.run(
+            [str(BIN / "engagement"), "services", "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+        assert status.returncode == 0, status.stdout
+        assert status.stdout.count("healthy") == 4
+
+        first, started = _max_event_id(source_dsn), time.monotonic()
+        time.sleep(6)
+        rate = (_max_event_id(source_dsn) - first) / (time.monotonic() - started)
+        # ids count inserts (valid and invalid); updates and deletes are ~7% of the offered rate
+        assert 0.6 * RATE <= rate <= 1.2 * RATE, f"{rate:.1f} inserts/s for {RATE} offered"
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=90)
+        reader.join(timeout=10)
+    output = "".join(lines)
+    assert code == 0, output
+    for child in ("generator", "daemon", "webserver"):
+        assert f"stopped {child}" in output
+    assert not port_open("127.0.0.1", UI_PORT), "the webserver outlived Ctrl-C"
+    leftovers = subprocess.run(
+        ["pgrep", "-f", f"dagster-webserver -h 127.0.0.1 -p {UI_PORT}"], capture_output=True
+    )
+    assert leftovers.returncode == 1, leftovers.stdout
+    # It did not start the services (the fixtures did), so it must leave them running.
+    assert all(service.is_running() for service in local_services(settings))
