@@ -221,6 +221,9 @@ class LocalPostgres:
             "max_wal_senders = 10\n"
             "max_replication_slots = 10\n"
             "wal_sender_timeout = 60s\n"
+            # Asynchronous commits (the generator's) reach logical decoding once the WAL writer
+            # flushes them: every 10 ms instead of the default 200 ms, for honest latency.
+            "wal_writer_delay = 10ms\n"
             "shared_buffers = 256MB\n"
             "max_connections = 200\n"
             "log_min_messages = warning\n"
