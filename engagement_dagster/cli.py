@@ -169,6 +169,50 @@ def generate(
 
 
 @main.command()
+@click.option("--until-caught-up", is_flag=True, help="Exit once the backlog is applied.")
+@click.option(
+    "--run-seconds",
+    type=float,
+    default=None,
+    help="Exit after this long (default: $ENGAGEMENT_STREAM_RUN_SECONDS).",
+)
+@click.option("--batch-max-ms", default=200, show_default=True, help="Cut a batch this often.")
+@click.option("--batch-max-rows", default=20_000, show_default=True, help="or at this many rows.")
+def stream(
+    until_caught_up: bool, run_seconds: float | None, batch_max_ms: int, batch_max_rows: int
+) -> None:
+    """The change stream outside the daemon: the same code as the Dagster job `cdc_stream`."""
+    import logging
+
+    from engagement_dagster.lib.pipeline import build_stream
+    from engagement_dagster.lib.stream import StreamOptions, StreamReport
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    settings = get_settings()
+    options = StreamOptions(
+        batch_max_ms=batch_max_ms,
+        batch_max_rows=batch_max_rows,
+        run_seconds=run_seconds if run_seconds is not None else settings.stream_run_seconds,
+        linger_seconds=0 if until_caught_up else None,
+        report_every_s=5,
+    )
+
+    def progress(report: StreamReport) -> None:
+        console.print(
+            f"batches {report.batches:,}  changes {report.changes:,}  rows {report.rows:,}  "
+            f"dead letters {report.dead_letters:,}  acknowledged {report.acknowledged_lsn:,}"
+            + "".join(f"  {name}: {error}" for name, error in report.sink_errors.items() if error),
+            highlight=False,
+        )
+
+    runner = build_stream(settings, options, on_report=progress)
+    runner.install_signal_handlers()
+    report = runner.run()
+    console.print(f"done: caught up={report.caught_up}, {report.changes:,} changes")
+
+
+@main.command()
 @click.option("--ui-port", default=3000, show_default=True, help="Dagster UI port on 127.0.0.1.")
 @click.option("--rate", default=50.0, show_default=True, help="Demo traffic, changes per second.")
 @click.option("--content", default=500, show_default=True, help="Demo content items.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,9 @@ os.environ.update(
         "ENGAGEMENT_CLICKHOUSE_URL": f"chdb://{TEST_LOCAL / 'test' / 'clickhouse'}",
         "ENGAGEMENT_KAFKA_BOOTSTRAP": "127.0.0.1:59092",
         "ENGAGEMENT_SLOT": "engagement_test_slot",
+        # Contract topic names behind a per-session prefix: a running `make run` keeps clean
+        # topics, and a session never reads what an earlier one wrote.
+        "ENGAGEMENT_KAFKA_TOPIC_PREFIX": f"test.{uuid.uuid4().hex[:8]}.",
         "ENGAGEMENT_PUBLICATION": "engagement_test_pub",
         "DAGSTER_HOME": str(TEST_LOCAL / "test" / "dagster"),
     }
@@ -75,3 +79,28 @@ def source_dsn(services: Settings) -> Iterator[str]:
     reset_test_database(services)
     yield services.pg_dsn
     reset_test_database(services, recreate=False)
+
+
+@pytest.fixture(scope="session")
+def clean_sinks(services: Settings) -> Settings:
+    """Empty test sinks: Redis database 15 flushed, the test chDB removed, old test topics gone."""
+    import redis
+    from kafka.admin import KafkaAdminClient
+
+    from engagement_dagster.lib.clickhouse import chdb_path
+    from engagement_dagster.lib.kafka_config import kafka_client_config
+
+    client = redis.Redis.from_url(services.redis_url)
+    client.flushdb()
+    client.close()
+    path = chdb_path(services.clickhouse_dsn)
+    assert path is not None and "test" in path.parts, f"refusing to remove {path}"
+    shutil.rmtree(path, ignore_errors=True)
+    admin = KafkaAdminClient(**kafka_client_config(services))
+    try:
+        stale = [t for t in admin.list_topics() if t.startswith("test.")]
+        if stale:
+            admin.delete_topics(stale)
+    finally:
+        admin.close()
+    return services

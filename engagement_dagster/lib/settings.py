@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
+    kafka_topic_prefix: str = Field(
+        default="",
+        pattern=r"^[a-zA-Z0-9._-]*$",
+        description="Prefix for every topic name (tests use one to keep the contract topics "
+        "of a running platform clean); empty in production.",
+    )
     slot: Identifier = "engagement_slot"
     publication: Identifier = "engagement_pub"
     stream_run_seconds: int = Field(default=300, ge=0)

@@ -1,0 +1,47 @@
+"""Wiring of one change stream from settings: the three sinks and the stream loop around them.
+
+The CLI (`engagement stream`) and the Dagster job `cdc_stream` both build their stream here, so
+the two can never differ; adding a fourth sink is one line in `default_sinks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from engagement_dagster.lib.kafka_config import kafka_client_config
+from engagement_dagster.lib.settings import Settings
+from engagement_dagster.lib.sinks.base import Sink
+from engagement_dagster.lib.sinks.clickhouse import ClickHouseSink
+from engagement_dagster.lib.sinks.kafka import KafkaSink
+from engagement_dagster.lib.sinks.redis import RedisSink
+from engagement_dagster.lib.stream import Stream, StreamOptions, StreamReport
+
+
+def default_sinks(settings: Settings) -> list[Sink]:
+    """Redis first: it has the tightest latency target, and sinks start in this order."""
+    return [
+        RedisSink(settings.redis_url),
+        ClickHouseSink(settings.clickhouse_dsn),
+        KafkaSink(
+            kafka_client_config(settings),
+            # One producer identity per slot: a new run fences the one before it.
+            transactional_id=f"engagement-stream-{settings.slot}",
+            topic_prefix=settings.kafka_topic_prefix,
+        ),
+    ]
+
+
+def build_stream(
+    settings: Settings,
+    options: StreamOptions | None = None,
+    *,
+    on_report: Callable[[StreamReport], None] | None = None,
+) -> Stream:
+    return Stream(
+        dsn=settings.pg_dsn,
+        slot=settings.slot,
+        publication=settings.publication,
+        sinks=default_sinks(settings),
+        options=options,
+        on_report=on_report,
+    )

@@ -1,0 +1,517 @@
+"""The stream loop: slot -> micro-batches of whole transactions -> enrichment -> three sinks.
+
+Every sink applies each change exactly once by its own checkpoint; the slot is acknowledged only
+up to the lowest checkpoint. A sink that fails is retried with backoff while the others go on;
+when it comes back it catches up from the slot. Nothing here imports Dagster.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import polars as pl
+
+from engagement_dagster.lib.change_cursor import ChangeCursor
+from engagement_dagster.lib.enrich import (
+    CHANGES_SCHEMA,
+    DEAD_LETTERS_SCHEMA,
+    ContentVersion,
+    EnrichRules,
+    content_versions,
+    content_versions_from_change,
+    enrich,
+    fold_content_versions,
+)
+from engagement_dagster.lib.pgoutput import Transaction
+from engagement_dagster.lib.sinks.base import Sink, SinkBatch
+from engagement_dagster.lib.source_db import connect
+
+log = logging.getLogger("engagement.stream")
+
+EVENTS_TABLE = "engagement_events"
+CONTENT_TABLE = "content"
+EVENT_COLUMNS = ("id", "content_id", "user_id", "event_type", "event_ts", "duration_ms",
+                 "device", "raw_payload")  # fmt: skip
+CURRENT_WAL_LSN = "SELECT pg_current_wal_lsn()::text"
+CONTENT_SNAPSHOT = "SELECT id::text, content_type, length_seconds FROM content"
+
+# Fault injection for crash tests (off unless set): kill -9 ourselves at a named point.
+FAULT_ENV = "ENGAGEMENT_FAULT"  # before_ack, or after_sink:<name>
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    batch_max_ms: int = 200
+    batch_max_rows: int = 20_000
+    run_seconds: float = 300.0  # the run ends this long after it starts (at a batch boundary)
+    linger_seconds: float | None = None  # once caught up, exit after this long; 0: at once
+    report_every_s: float = 30.0
+    retry_base_s: float = 0.5
+    retry_max_s: float = 30.0
+    max_pending_rows: int = 500_000  # per failing sink; beyond it the sink replays from the slot
+    max_queued_batches: int = 4  # a healthy but slower sink holds the reader back (backpressure)
+
+
+class SinkWorker:
+    """One sink in its own thread, so a slow or failing sink never holds up the others.
+
+    Batches queue up in memory while the sink is down (retried with exponential backoff and
+    jitter). Past `max_pending_rows` the queue is dropped and the sink asks for a replay: the
+    stream then re-reads the slot from the lowest checkpoint, which this sink's is.
+    """
+
+    def __init__(self, sink: Sink, options: StreamOptions, report: StreamReport) -> None:
+        self.sink = sink
+        self.options = options
+        self.report = report
+        self._queue: deque[SinkBatch] = deque()
+        self._queued_rows = 0
+        self._lock = threading.Condition()
+        self._closing = False
+        self.needs_replay = False  # its queue was dropped: feed it again from the slot
+        self.ready_for_replay = threading.Event()
+        self.failures = 0
+        self.last_error: str | None = None
+        self.latencies_ms: deque[float] = deque(maxlen=10_000)
+        self.applied_lsn = 0
+        self.fault: str | None = None  # fault injection (ENGAGEMENT_FAULT), off by default
+        self._next_tick = 0.0
+        self._thread = threading.Thread(target=self._work, name=f"sink-{sink.name}", daemon=True)
+
+    def start(self) -> None:
+        self.applied_lsn = self.sink.checkpoint()
+        self._thread.start()
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._queue and not self.needs_replay
+
+    def submit(self, batch: SinkBatch, *, stop: threading.Event) -> None:
+        """Queue a batch. Blocks while a healthy sink is `max_queued_batches` behind, so a slow
+        sink slows the reader instead of filling memory; a failing sink never blocks it."""
+        with self._lock:
+            while (
+                len(self._queue) >= self.options.max_queued_batches
+                and self.failures == 0
+                and not stop.is_set()
+            ):
+                self._lock.wait(timeout=0.1)
+            if self.needs_replay:
+                return
+            self._queue.append(batch)
+            self._queued_rows += batch.rows.height + batch.deltas.height
+            if self._queued_rows > self.options.max_pending_rows:
+                log.warning(
+                    "sink %s lags by %d rows: dropping its queue, it will replay from the slot",
+                    self.sink.name, self._queued_rows,
+                )  # fmt: skip
+                self._queue.clear()
+                self._queued_rows = 0
+                self.needs_replay = True
+            self._lock.notify()
+
+    def resume(self) -> None:
+        """The stream re-reads the slot: accept batches again."""
+        with self._lock:
+            self.needs_replay = False
+            self.ready_for_replay.clear()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing and not self.needs_replay:
+                    if time.monotonic() >= self._next_tick:
+                        break
+                    self._lock.wait(timeout=max(0.0, self._next_tick - time.monotonic()))
+                if self._closing and not self._queue:
+                    return
+                batch = self._queue[0] if self._queue else None
+                upkeep = batch is None and not self.needs_replay and not self._closing
+                upkeep = upkeep and self.failures == 0
+            if upkeep:
+                self._tick()
+                continue
+            if batch is None:  # dropped queue: wait until the sink answers, then ask for replay
+                self._until_applied(lambda: self.sink.checkpoint())
+                self.ready_for_replay.set()
+                with self._lock:
+                    while self.needs_replay and not self._closing:
+                        self._lock.wait(timeout=1.0)
+                    if self._closing:
+                        return
+                continue
+            if not self._until_applied(functools.partial(self.sink.apply, batch)):
+                return
+            self.applied_lsn = max(self.applied_lsn, batch.last_lsn)
+            if self.fault == f"after_sink:{self.sink.name}":
+                _kill_self(self.fault)
+            if batch.last_commit_at is not None:
+                lag = (datetime.now(UTC) - batch.last_commit_at).total_seconds() * 1000
+                self.latencies_ms.append(lag)
+            with self._lock:
+                if self._queue and self._queue[0] is batch:
+                    self._queue.popleft()
+                    self._queued_rows -= batch.rows.height + batch.deltas.height
+                self._lock.notify_all()
+
+    def _tick(self) -> None:
+        self._next_tick = time.monotonic() + 1.0
+        try:
+            self.sink.tick()
+        except Exception as exc:  # upkeep failing is reported, never fatal
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("sink %s upkeep failed: %s", self.sink.name, self.last_error)
+
+    def _until_applied(self, action: Callable[[], object]) -> bool:
+        """Run action until it succeeds (True) or the worker closes (False)."""
+        while True:
+            try:
+                action()
+            except Exception as exc:
+                self.failures += 1
+                delay = min(
+                    self.options.retry_max_s, self.options.retry_base_s * 2 ** (self.failures - 1)
+                )
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "sink %s failed (attempt %d, next in %.1fs): %s",
+                    self.sink.name, self.failures, delay, self.last_error,
+                )  # fmt: skip
+                with self._lock:
+                    if self._closing:
+                        return False
+                    self._lock.wait(timeout=delay * random.uniform(0.5, 1.0))  # jitter
+                continue
+            if self.failures:
+                log.warning("sink %s recovered after %d failures", self.sink.name, self.failures)
+            self.failures, self.last_error = 0, None
+            return True
+
+    def wait_idle_or_failing(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.idle and self.failures == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish what is queued (bounded by timeout_s), then stop and release the sink."""
+        deadline = time.monotonic() + timeout_s
+        self.wait_idle_or_failing(timeout_s)
+        with self._lock:
+            self._closing = True
+            self._queue.clear()
+            self._lock.notify_all()
+        self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        self.sink.close()
+
+
+@dataclass
+class StreamReport:
+    """Running totals of one stream run, handed to `on_report` and returned at the end."""
+
+    batches: int = 0
+    transactions: int = 0
+    changes: int = 0
+    rows: int = 0
+    dead_letters: int = 0
+    unknown_content: int = 0
+    first_lsn: int | None = None
+    last_lsn: int = 0
+    acknowledged_lsn: int = 0
+    caught_up: bool = False
+    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    sink_errors: dict[str, str | None] = field(default_factory=dict)
+
+
+class Stream:
+    """One stream run. Call `run()`; set `stop` (or send SIGTERM) to finish the batch and exit."""
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        slot: str,
+        publication: str,
+        sinks: Sequence[Sink],
+        options: StreamOptions | None = None,
+        rules: EnrichRules | None = None,
+        on_report: Callable[[StreamReport], None] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.options = options or StreamOptions()
+        self.rules = rules or EnrichRules()
+        self.cursor = ChangeCursor(dsn, slot=slot, publication=publication)
+        self.report = StreamReport()
+        self.workers = [SinkWorker(sink, self.options, self.report) for sink in sinks]
+        self.on_report = on_report
+        self.stop = threading.Event()
+        self._content = fold_content_versions(content_versions([]))
+        fault = os.environ.get(FAULT_ENV) or None
+        if fault is not None and not _valid_fault(fault, [s.name for s in sinks]):
+            raise ValueError(
+                f"{FAULT_ENV}={fault!r}: expected before_ack or after_sink:<"
+                + "|".join(s.name for s in sinks)
+                + ">"
+            )
+        for worker in self.workers:
+            worker.fault = fault
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT finish the current batch, checkpoint and exit."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop.set())
+
+    def run(self) -> StreamReport:
+        for worker in self.workers:
+            worker.sink.setup()
+        self._content = self._content_snapshot()
+        self.cursor.open()
+        for worker in self.workers:
+            worker.start()
+        target = self._current_wal_lsn()
+        started = last_report = time.monotonic()
+        caught_up_at: float | None = None
+        try:
+            self._acknowledge(idle=False)
+            while not self.stop.is_set():
+                if time.monotonic() - started >= self.options.run_seconds:
+                    break
+                transactions = self._read_batch()
+                if transactions:
+                    self._process(transactions)
+                    caught_up_at = None
+                if any(w.ready_for_replay.is_set() for w in self.workers):
+                    self._replay_from_slot()
+                    continue
+                self._acknowledge(idle=not transactions)
+                if not transactions and self._drained(target):
+                    self.report.caught_up = True
+                    caught_up_at = caught_up_at or time.monotonic()
+                    linger = self.options.linger_seconds
+                    if linger is not None and time.monotonic() - caught_up_at >= linger:
+                        break
+                if self.on_report and time.monotonic() - last_report >= self.options.report_every_s:
+                    self._publish()
+                    last_report = time.monotonic()
+        finally:
+            for worker in self.workers:
+                worker.close()
+            self._acknowledge(idle=False)
+            self.cursor.close()
+        self._publish()
+        return self.report
+
+    def _drained(self, target: int) -> bool:
+        """Caught up with the WAL as it was when the run started, every sink applied."""
+        if not all(worker.idle for worker in self.workers):
+            return False
+        return self.cursor.position.server_wal_end >= target
+
+    def _read_batch(self) -> list[Transaction]:
+        """Whole transactions for up to batch_max_ms after the first, or batch_max_rows."""
+        first = self.cursor.read(timeout_s=0.25)
+        if first is None:
+            return []
+        batch = [first]
+        rows = len(first.changes)
+        deadline = time.monotonic() + self.options.batch_max_ms / 1000
+        while rows < self.options.batch_max_rows:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            transaction = self.cursor.read(timeout_s=remaining)
+            if transaction is None:
+                break
+            batch.append(transaction)
+            rows += len(transaction.changes)
+        return batch
+
+    def _process(self, transactions: list[Transaction]) -> None:
+        changes, versions, truncates = self._frames(transactions)
+        content = content_versions(self._content, versions)
+        enriched = enrich(changes, content, self.rules)
+        self._content = fold_content_versions(content)
+        dead_letters = enriched.dead_letters
+        if truncates:
+            dead_letters = pl.concat([dead_letters, _truncate_letters(truncates)])
+        batch = SinkBatch(
+            last_lsn=transactions[-1].commit_lsn,
+            rows=enriched.rows,
+            deltas=enriched.deltas,
+            dead_letters=dead_letters,
+            first_commit_at=transactions[0].commit_ts,
+            last_commit_at=transactions[-1].commit_ts,
+        )
+        for worker in self.workers:
+            worker.submit(batch, stop=self.stop)
+        report = self.report
+        report.batches += 1
+        report.transactions += len(transactions)
+        report.changes += sum(len(t.changes) for t in transactions)
+        report.rows += enriched.rows.height
+        report.dead_letters += dead_letters.height
+        report.unknown_content += enriched.unknown_content
+        report.first_lsn = report.first_lsn or transactions[0].commit_lsn
+        report.last_lsn = batch.last_lsn
+
+    def _frames(
+        self, transactions: list[Transaction]
+    ) -> tuple[pl.DataFrame, list[ContentVersion], list[tuple[Transaction, str]]]:
+        """The batch's event changes as text columns, its content versions, its truncates."""
+        ops: list[str] = []
+        lsns: list[int] = []
+        commits: list[datetime] = []
+        image: list[list[str | None]] = [[] for _ in EVENT_COLUMNS]
+        old: list[list[str | None]] = [[] for _ in EVENT_COLUMNS]
+        versions: list[ContentVersion] = []
+        truncates: list[tuple[Transaction, str]] = []
+        width = len(EVENT_COLUMNS)
+        for transaction in transactions:
+            for change in transaction.changes:
+                if change.op == "truncate":
+                    truncates.append((transaction, change.table))
+                    continue
+                if change.table == CONTENT_TABLE:
+                    new_row = _text_row(change.columns, change.new or change.old)
+                    old_row = _text_row(change.columns, change.old) if change.old else None
+                    versions.extend(
+                        content_versions_from_change(
+                            change.op, new_row, old_row, transaction.commit_lsn
+                        )
+                    )
+                    continue
+                if change.table != EVENTS_TABLE:
+                    continue
+                positions = _positions(change.columns)
+                main = change.new if change.op != "delete" else change.old
+                prior = change.old if change.op != "insert" else None
+                for i in range(width):
+                    p = positions[i]
+                    image[i].append(_text(main[p]) if main is not None and p >= 0 else None)
+                    old[i].append(_text(prior[p]) if prior is not None and p >= 0 else None)
+                ops.append(change.op)
+                lsns.append(transaction.commit_lsn)
+                commits.append(transaction.commit_ts)
+        data: dict[str, object] = {
+            "seq": pl.Series("seq", range(len(ops)), dtype=pl.UInt32),
+            "op": ops,
+            "source_lsn": pl.Series("source_lsn", lsns, dtype=pl.UInt64),
+            "source_committed_at": pl.Series(commits, dtype=pl.Datetime("us", "UTC")),
+        }
+        for i, name in enumerate(EVENT_COLUMNS):
+            data[name] = pl.Series(name, image[i], dtype=pl.String)
+            data[f"old_{name}"] = pl.Series(f"old_{name}", old[i], dtype=pl.String)
+        return pl.DataFrame(data).select(CHANGES_SCHEMA.names()), versions, truncates
+
+    def _replay_from_slot(self) -> None:
+        """Re-read the slot from the lowest checkpoint; sinks skip what they already have."""
+        for worker in self.workers:
+            worker.wait_idle_or_failing()
+        log.warning("a lagging sink is back: re-reading the slot from the lowest checkpoint")
+        self.cursor.close()
+        self.cursor.open()
+        self._content = self._content_snapshot()
+        for worker in self.workers:
+            worker.resume()
+
+    def _acknowledge(self, *, idle: bool) -> None:
+        """Move the slot to the lowest checkpoint (and past idle WAL when all is applied)."""
+        lowest = min(worker.applied_lsn for worker in self.workers)
+        if any(worker.fault == "before_ack" for worker in self.workers) and self.report.batches:
+            _kill_self("before_ack")
+        if idle and all(worker.idle for worker in self.workers):
+            self.cursor.acknowledge_idle(lowest)
+        else:
+            self.cursor.acknowledge(lowest)
+        self.report.acknowledged_lsn = self.cursor.position.acknowledged_lsn
+
+    def _publish(self) -> None:
+        for worker in self.workers:
+            self.report.latencies_ms[worker.sink.name] = list(worker.latencies_ms)
+            self.report.sink_errors[worker.sink.name] = worker.last_error
+        if self.on_report:
+            self.on_report(self.report)
+
+    def _content_snapshot(self) -> pl.DataFrame:
+        """Content as of now, valid since before anything replayed (valid_from_lsn 0)."""
+        with connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute(CONTENT_SNAPSHOT)
+            rows = cur.fetchall()
+        return fold_content_versions(
+            content_versions([ContentVersion(str(i), t, n, 0) for i, t, n in rows])
+        )
+
+    def _current_wal_lsn(self) -> int:
+        from engagement_dagster.lib.pgoutput import parse_lsn
+
+        with connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute(CURRENT_WAL_LSN)
+            row = cur.fetchone()
+        return parse_lsn(row[0]) if row else 0
+
+
+def _valid_fault(fault: str, sink_names: list[str]) -> bool:
+    return fault == "before_ack" or fault in {f"after_sink:{name}" for name in sink_names}
+
+
+def _kill_self(point: str) -> None:
+    """Fault injection: die as kill -9 would, with no cleanup at all."""
+    log.error("fault injection: kill -9 at %s", point)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _text(value: object) -> str | None:
+    """Decoded values are text or None; an unresolved TOAST marker cannot be enriched."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(
+        "an unchanged TOASTed value could not be resolved from the old row: "
+        "engagement_events needs REPLICA IDENTITY FULL (run `engagement db init`)"
+    )
+
+
+def _text_row(columns: tuple[str, ...], values: tuple[object, ...] | None) -> dict[str, str | None]:
+    """A content row as text by column; unchanged TOAST values (long titles) are left out."""
+    return {
+        name: value
+        for name, value in zip(columns, values or (), strict=False)
+        if value is None or isinstance(value, str)
+    }
+
+
+_POSITIONS: dict[tuple[str, ...], tuple[int, ...]] = {}
+
+
+def _positions(columns: tuple[str, ...]) -> tuple[int, ...]:
+    """Where each EVENT_COLUMNS column sits in a relation's columns (-1 when absent)."""
+    found = _POSITIONS.get(columns)
+    if found is None:
+        index = {name: i for i, name in enumerate(columns)}
+        found = tuple(index.get(name, -1) for name in EVENT_COLUMNS)
+        _POSITIONS[columns] = found
+    return found
+
+
+def _truncate_letters(truncates: list[tuple[Transaction, str]]) -> pl.DataFrame:
+    """TRUNCATE cannot be replayed row by row: record it where operators look."""
+    return pl.DataFrame(
+        {
+            "source_lsn": [t.commit_lsn for t, _ in truncates],
+            "event_id": [None for _ in truncates],
+            "reason": ["truncate" for _ in truncates],
+            "op": ["truncate" for _ in truncates],
+            "raw_change": [f'{{"op": "truncate", "table": "{table}"}}' for _, table in truncates],
+            "source_committed_at": [t.commit_ts for t, _ in truncates],
+        },
+        schema=DEAD_LETTERS_SCHEMA,
+    )
