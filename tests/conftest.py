@@ -18,23 +18,29 @@ import pytest
 from engagement_dagster.lib.settings import PROJECT_ROOT, Settings, get_settings
 
 TEST_LOCAL = PROJECT_ROOT / ".local"
+# Two test sessions at once (two developers' terminals) each set their own namespace, so
+# neither drops the other's database or steals its slot.
+NAMESPACE = os.environ.get("ENGAGEMENT_TEST_NAMESPACE", "")
+SUFFIX = f"_{NAMESPACE}" if NAMESPACE else ""
+REDIS_DB = 15 - (sum(map(ord, NAMESPACE)) % 6 if NAMESPACE else 0)
+TEST_DIR = TEST_LOCAL / f"test{SUFFIX}"
 os.environ.update(
     {
-        "ENGAGEMENT_PG_DSN": "postgresql://postgres@127.0.0.1:55432/engagement_test",
-        "ENGAGEMENT_REDIS_URL": "redis://127.0.0.1:56379/15",
-        "ENGAGEMENT_CLICKHOUSE_URL": f"chdb://{TEST_LOCAL / 'test' / 'clickhouse'}",
+        "ENGAGEMENT_PG_DSN": f"postgresql://postgres@127.0.0.1:55432/engagement{SUFFIX}_test",
+        "ENGAGEMENT_REDIS_URL": f"redis://127.0.0.1:56379/{REDIS_DB}",
+        "ENGAGEMENT_CLICKHOUSE_URL": f"chdb://{TEST_DIR / 'clickhouse'}",
         "ENGAGEMENT_KAFKA_BOOTSTRAP": "127.0.0.1:59092",
-        "ENGAGEMENT_SLOT": "engagement_test_slot",
+        "ENGAGEMENT_SLOT": f"engagement{SUFFIX}_test_slot",
         # Contract topic names behind a per-session prefix: a running `make run` keeps clean
         # topics, and a session never reads what an earlier one wrote.
         "ENGAGEMENT_KAFKA_TOPIC_PREFIX": f"test.{uuid.uuid4().hex[:8]}.",
-        "ENGAGEMENT_PUBLICATION": "engagement_test_pub",
-        "DAGSTER_HOME": str(TEST_LOCAL / "test" / "dagster"),
+        "ENGAGEMENT_PUBLICATION": f"engagement{SUFFIX}_test_pub",
+        "DAGSTER_HOME": str(TEST_DIR / "dagster"),
     }
 )
 get_settings.cache_clear()
-(TEST_LOCAL / "test" / "dagster").mkdir(parents=True, exist_ok=True)
-shutil.copyfile(PROJECT_ROOT / "dagster.yaml", TEST_LOCAL / "test" / "dagster" / "dagster.yaml")
+(TEST_DIR / "dagster").mkdir(parents=True, exist_ok=True)
+shutil.copyfile(PROJECT_ROOT / "dagster.yaml", TEST_DIR / "dagster" / "dagster.yaml")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -82,8 +88,9 @@ def source_dsn(services: Settings) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def clean_sinks(services: Settings) -> Settings:
-    """Empty test sinks: Redis database 15 flushed, the test chDB removed, old test topics gone."""
+def clean_sinks(services: Settings) -> Iterator[Settings]:
+    """Empty test sinks: the Redis test database flushed, the test chDB removed; this
+    session's Kafka topics (under its own prefix) deleted at the end."""
     import redis
     from kafka.admin import KafkaAdminClient
 
@@ -94,13 +101,13 @@ def clean_sinks(services: Settings) -> Settings:
     client.flushdb()
     client.close()
     path = chdb_path(services.clickhouse_dsn)
-    assert path is not None and "test" in path.parts, f"refusing to remove {path}"
+    assert path is not None and path.parent == TEST_DIR, f"refusing to remove {path}"
     shutil.rmtree(path, ignore_errors=True)
+    yield services
     admin = KafkaAdminClient(**kafka_client_config(services))
     try:
-        stale = [t for t in admin.list_topics() if t.startswith("test.")]
-        if stale:
-            admin.delete_topics(stale)
+        ours = [t for t in admin.list_topics() if t.startswith(services.kafka_topic_prefix)]
+        if ours:
+            admin.delete_topics(ours)
     finally:
         admin.close()
-    return services

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import psycopg2.extensions
 from psycopg2 import sql
 
@@ -27,3 +30,176 @@ def reset_test_database(settings: Settings, *, recreate: bool = True) -> None:
         )
     if recreate:
         init_source(settings.pg_dsn, slot=settings.slot, publication=settings.publication)
+
+
+# --- what the sinks should hold, computed from PostgreSQL, and what they do hold -----------
+
+# DESIGN §5 validity, as SQL over the source table (the pipeline never relies on constraints).
+VALID_EVENT = """
+    e.event_ts IS NOT NULL AND e.content_id IS NOT NULL
+    AND e.event_type IN ('play', 'pause', 'finish', 'click')
+    AND (e.duration_ms IS NULL OR e.duration_ms >= 0)
+    AND e.event_ts <= now() + interval '1 day'
+    AND (e.raw_payload IS NULL OR jsonb_typeof(e.raw_payload) = 'object')
+"""
+
+EXPECTED_ROWS = f"""
+SELECT e.id, e.content_id::text, e.user_id::text, e.event_type, e.event_ts, e.device,
+       e.duration_ms, c.content_type, c.length_seconds, e.raw_payload::text
+  FROM engagement_events e LEFT JOIN content c ON c.id = e.content_id
+ WHERE {VALID_EVENT}
+ ORDER BY e.id
+"""
+
+CLICKHOUSE_ROWS = """
+SELECT event_id, toString(content_id), toString(user_id), event_type, event_ts, device,
+       duration_ms, content_type, length_seconds, raw_payload, engagement_seconds,
+       engagement_pct
+  FROM engagement.enriched_engagements FINAL
+ WHERE is_deleted = 0
+ ORDER BY event_id
+"""
+
+EXPECTED_BOARD = f"""
+SELECT e.content_id::text, sum(coalesce(e.duration_ms, 0)) / 1000.0, count(*)
+  FROM engagement_events e
+ WHERE {VALID_EVENT} AND e.event_ts > now() - interval '600 seconds' AND e.event_ts <= now()
+ GROUP BY 1
+"""
+
+
+def _naive_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
+def expected_pct(duration_ms: int | None, length_seconds: int | None) -> float | None:
+    if duration_ms is None or length_seconds is None or length_seconds <= 0:
+        return None
+    return round(100 * (duration_ms / 1000.0) / length_seconds, 2)
+
+
+def postgres_rows(dsn: str) -> list[tuple[Any, ...]]:
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        cur.execute(EXPECTED_ROWS)
+        rows = cur.fetchall()
+    return [(*r[:4], _naive_utc(r[4]), *r[5:]) for r in rows]
+
+
+def clickhouse_rows(dsn: str) -> list[tuple[Any, ...]]:
+    from engagement_dagster.lib.clickhouse import clickhouse_client
+
+    with clickhouse_client(dsn) as client:
+        return [tuple(r) for r in client.query(CLICKHOUSE_ROWS).result_rows]
+
+
+def assert_clickhouse_matches_postgres(settings: Settings) -> int:
+    """ClickHouse FINAL (live rows) equals PostgreSQL's valid events on every column."""
+    expected = postgres_rows(settings.pg_dsn)
+    actual = clickhouse_rows(settings.clickhouse_dsn)
+    assert [r[0] for r in actual] == [r[0] for r in expected], _id_diff(expected, actual)
+    for want, got in zip(expected, actual, strict=True):
+        assert got[:10] == want, f"event {want[0]}: ClickHouse {got[:10]} != PostgreSQL {want}"
+        seconds = None if want[6] is None else want[6] / 1000.0
+        assert got[10] == seconds, f"event {want[0]}: engagement_seconds {got[10]} != {seconds}"
+        pct = expected_pct(want[6], want[8])
+        assert (got[11] is None) == (pct is None), f"event {want[0]}: pct {got[11]} vs {pct}"
+        if pct is not None:  # float ties may round either way in the last place
+            assert abs(got[11] - pct) <= 0.0100001, f"event {want[0]}: pct {got[11]} vs {pct}"
+    return len(expected)
+
+
+def _id_diff(expected: list[tuple[Any, ...]], actual: list[tuple[Any, ...]]) -> str:
+    want, got = {r[0] for r in expected}, {r[0] for r in actual}
+    return (
+        f"{len(want)} events in PostgreSQL, {len(got)} in ClickHouse; "
+        f"missing {sorted(want - got)[:10]}, extra {sorted(got - want)[:10]}"
+    )
+
+
+def postgres_board(dsn: str) -> dict[str, tuple[float, int]]:
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(EXPECTED_BOARD)
+        return {cid: (float(seconds), int(n)) for cid, seconds, n in cur.fetchall()}
+
+
+def redis_board(url: str) -> dict[str, tuple[float, int]]:
+    import redis
+
+    from engagement_dagster.lib.sinks.redis import TOP_EVENTS, TOP_SECONDS
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        seconds = dict(client.zrange(TOP_SECONDS, 0, -1, withscores=True))
+        events = dict(client.zrange(TOP_EVENTS, 0, -1, withscores=True))
+        assert client.ttl(TOP_SECONDS) > 0 or not seconds, "the live board has no TTL"
+    finally:
+        client.close()
+    return {cid: (float(seconds.get(cid, 0.0)), int(events[cid])) for cid in events}
+
+
+def assert_redis_matches_postgres(settings: Settings) -> None:
+    """engagement:top:10m (seconds) and :events equal PostgreSQL over the last 10 minutes."""
+    from engagement_dagster.lib.sinks.redis import RedisSink
+
+    RedisSink(settings.redis_url).refresh()  # slide the board to now, as the stream does
+    want = postgres_board(settings.pg_dsn)
+    got = redis_board(settings.redis_url)
+    assert set(got) == set(want), f"contents differ: {set(want) ^ set(got)}"
+    for cid, (seconds, events) in want.items():
+        assert got[cid][1] == events, f"{cid}: {got[cid][1]} events in Redis, {events} in PG"
+        assert abs(got[cid][0] - seconds) < 1e-6, f"{cid}: {got[cid][0]} s != {seconds} s"
+
+
+def kafka_versions(settings: Settings) -> list[dict[str, Any]]:
+    """Every committed message of the enriched topic (read_committed), in partition order."""
+    import json
+
+    from kafka import KafkaConsumer
+
+    from engagement_dagster.lib.kafka_config import kafka_client_config
+    from engagement_dagster.lib.sinks.kafka import ENRICHED_TOPIC
+
+    consumer = KafkaConsumer(
+        settings.kafka_topic_prefix + ENRICHED_TOPIC,
+        **kafka_client_config(settings),
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=5000,
+    )
+    try:
+        return [json.loads(message.value) for message in consumer]
+    finally:
+        consumer.close()
+
+
+def assert_kafka_matches_postgres(settings: Settings) -> int:
+    """Each change once (no version twice); the latest version of each event is PostgreSQL's."""
+    versions = kafka_versions(settings)
+    keys = [
+        (v["event_id"], v["source_lsn"], (v["event_ts"] or "")[:7], v["is_deleted"])
+        for v in versions
+    ]
+    duplicates = {k for k in keys if keys.count(k) > 1} if len(set(keys)) != len(keys) else set()
+    assert not duplicates, f"versions delivered twice: {sorted(duplicates)[:5]}"
+    latest: dict[int, dict[str, Any]] = {}
+    for v in versions:
+        held = latest.get(v["event_id"])
+        # Higher LSN wins; at one LSN (a month move) the live version beats the tombstone.
+        if held is None or (v["source_lsn"], -v["is_deleted"]) > (
+            held["source_lsn"],
+            -held["is_deleted"],
+        ):
+            latest[v["event_id"]] = v
+    live = {eid: v for eid, v in latest.items() if v["is_deleted"] == 0}
+    expected = postgres_rows(settings.pg_dsn)
+    assert sorted(live) == [r[0] for r in expected], _id_diff(expected, [(i,) for i in live])
+    for row in expected:
+        v = live[row[0]]
+        assert (v["content_id"], v["user_id"], v["event_type"], v["duration_ms"]) == (
+            row[1], row[2], row[3], row[6]
+        ), f"event {row[0]}: Kafka {v} != PostgreSQL {row}"  # fmt: skip
+        assert v["raw_payload"] == row[9]
+        assert v["op"] in {"insert", "update"} and v["schema_version"] == 1
+    return len(versions)

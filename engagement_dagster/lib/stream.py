@@ -404,7 +404,7 @@ class Stream:
                 commits.append(transaction.commit_ts)
         data: dict[str, object] = {
             "seq": pl.Series("seq", range(len(ops)), dtype=pl.UInt32),
-            "op": ops,
+            "op": pl.Series("op", ops, dtype=pl.String),
             "source_lsn": pl.Series("source_lsn", lsns, dtype=pl.UInt64),
             "source_committed_at": pl.Series(commits, dtype=pl.Datetime("us", "UTC")),
         }

@@ -68,7 +68,7 @@ def test_publication_and_slot_exist(source_dsn: str, settings: Settings) -> None
         slot = slot_info(conn, settings.slot)
     assert slot is not None
     assert slot.plugin == "pgoutput"
-    assert slot.database == "engagement_test"
+    assert slot.database == source_dsn.rsplit("/", 1)[1]
 
 
 def test_init_is_idempotent_and_repairs_the_publication(

@@ -34,7 +34,8 @@ def test_resources_talk_to_the_configured_systems(services: Settings) -> None:
     resources = defs.resources or {}
     client = resources["redis"].client()
     assert client.ping()
-    assert client.connection_pool.connection_kwargs["db"] == 15  # the test database
+    test_db = int(services.redis_url.rsplit("/", 1)[1])
+    assert client.connection_pool.connection_kwargs["db"] == test_db  # the test database
     client.close()
     with resources["clickhouse"].client() as ch:
         assert ch.query("SELECT 1 + 1").result_rows == [(2,)]
