@@ -71,3 +71,11 @@ def test_secrets_stay_out_of_reprs(clean_env: pytest.MonkeyPatch) -> None:
     assert settings.kafka_sasl_password.get_secret_value() == "hunter2-secret"
     assert "hunter2-secret" not in repr(settings)
     assert "hunter2-secret" not in str(settings.model_dump())
+
+
+def test_an_unknown_fault_injection_point_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engagement_dagster.lib.stream import Stream
+
+    monkeypatch.setenv("ENGAGEMENT_FAULT", "after_sink:nowhere")
+    with pytest.raises(ValueError, match="expected before_ack or after_sink"):
+        Stream(dsn="postgresql://x@127.0.0.1:1/x", slot="s", publication="p", sinks=[])
