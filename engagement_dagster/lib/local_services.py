@@ -7,6 +7,7 @@ points anywhere but loopback, and it never deletes data.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -380,6 +381,29 @@ class LocalKafka:
         return props
 
     def start(self) -> StartResult:
+        """Start the broker unless one of ours is running, starting or stopping.
+
+        Two processes (a test session and `make run`, say) may call this at once: a file lock
+        serializes them, and a broker process that is still alive is waited for, never joined
+        by a second one: two brokers on one log directory corrupt its metadata log.
+        """
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "start.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._start_locked()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _start_locked(self) -> StartResult:
+        pid = _pid_alive(self.pid_file, "kafka.Kafka")
+        if pid is not None:
+            wait_for(
+                lambda: self.is_running() or _pid_alive(self.pid_file, "kafka.Kafka") is None,
+                timeout_s=90,
+                what=f"Kafka process {pid} (starting or stopping)",
+                log=self.log,
+            )
         if self.is_running():
             return StartResult(self.name, False, f"already listening on {self._where}")
         java = self._check_java()
@@ -440,7 +464,7 @@ class LocalKafka:
         pid = _pid_alive(self.pid_file, "kafka.Kafka")
         if pid is None:
             return False
-        _terminate(pid, timeout_s=30)  # SIGTERM: controlled shutdown
+        _terminate(pid, timeout_s=90)  # SIGTERM: controlled shutdown; SIGKILL only if it hangs
         return True
 
     @property

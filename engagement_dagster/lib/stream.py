@@ -60,6 +60,7 @@ class StreamOptions:
     retry_max_s: float = 30.0
     max_pending_rows: int = 500_000  # per failing sink; beyond it the sink replays from the slot
     max_queued_batches: int = 4  # a healthy but slower sink holds the reader back (backpressure)
+    stall_s: float = 2.0  # a write taking longer than this marks the sink as failing
 
 
 class SinkWorker:
@@ -83,19 +84,30 @@ class SinkWorker:
         self.failures = 0
         self.last_error: str | None = None
         self.latencies_ms: deque[float] = deque(maxlen=10_000)
-        self.applied_lsn = 0
+        self.applied_lsn: int | None = None  # unknown until the sink has answered once
         self.fault: str | None = None  # fault injection (ENGAGEMENT_FAULT), off by default
         self._next_tick = 0.0
+        self._apply_started_at: float | None = None
+        self._catching_up = False  # since a failure, until its queue is short again
         self._thread = threading.Thread(target=self._work, name=f"sink-{sink.name}", daemon=True)
 
     def start(self) -> None:
-        self.applied_lsn = self.sink.checkpoint()
+        """Start the thread; it sets the sink up and reads its checkpoint, retrying while the
+        sink is down, so a sink that is down at start does not hold up the others."""
         self._thread.start()
+
+    def _prepare(self) -> bool:
+        prepared = self._until_applied(self.sink.setup) and self._until_applied(
+            self.sink.checkpoint
+        )
+        if prepared:
+            self.applied_lsn = self.sink.checkpoint()
+        return prepared
 
     @property
     def idle(self) -> bool:
         with self._lock:
-            return not self._queue and not self.needs_replay
+            return not self._queue and not self.needs_replay and self.applied_lsn is not None
 
     def submit(self, batch: SinkBatch, *, stop: threading.Event) -> None:
         """Queue a batch. Blocks while a healthy sink is `max_queued_batches` behind, so a slow
@@ -103,10 +115,10 @@ class SinkWorker:
         with self._lock:
             while (
                 len(self._queue) >= self.options.max_queued_batches
-                and self.failures == 0
+                and not self.stalled
                 and not stop.is_set()
             ):
-                self._lock.wait(timeout=0.1)
+                self._lock.wait(timeout=0.05)
             if self.needs_replay:
                 return
             self._queue.append(batch)
@@ -121,6 +133,18 @@ class SinkWorker:
                 self.needs_replay = True
             self._lock.notify()
 
+    @property
+    def stalled(self) -> bool:
+        """Failing, catching up after a failure, or stuck in one write for longer than a
+        healthy sink ever takes: the reader does not wait for it, so the other sinks never wait
+        for a sink that hangs or works through a backlog."""
+        started = self._apply_started_at
+        return (
+            self.failures > 0
+            or self._catching_up
+            or (started is not None and time.monotonic() - started > self.options.stall_s)
+        )
+
     def resume(self) -> None:
         """The stream re-reads the slot: accept batches again."""
         with self._lock:
@@ -128,6 +152,8 @@ class SinkWorker:
             self.ready_for_replay.clear()
 
     def _work(self) -> None:
+        if not self._prepare():
+            return
         while True:
             with self._lock:
                 while not self._queue and not self._closing and not self.needs_replay:
@@ -153,7 +179,7 @@ class SinkWorker:
                 continue
             if not self._until_applied(functools.partial(self.sink.apply, batch)):
                 return
-            self.applied_lsn = max(self.applied_lsn, batch.last_lsn)
+            self.applied_lsn = max(self.applied_lsn or 0, batch.last_lsn)
             if self.fault == f"after_sink:{self.sink.name}":
                 _kill_self(self.fault)
             if batch.last_commit_at is not None:
@@ -163,6 +189,8 @@ class SinkWorker:
                 if self._queue and self._queue[0] is batch:
                     self._queue.popleft()
                     self._queued_rows -= batch.rows.height + batch.deltas.height
+                if len(self._queue) < self.options.max_queued_batches:
+                    self._catching_up = False
                 self._lock.notify_all()
 
     def _tick(self) -> None:
@@ -175,11 +203,19 @@ class SinkWorker:
 
     def _until_applied(self, action: Callable[[], object]) -> bool:
         """Run action until it succeeds (True) or the worker closes (False)."""
+        self._apply_started_at = time.monotonic()
+        try:
+            return self._retry(action)
+        finally:
+            self._apply_started_at = None
+
+    def _retry(self, action: Callable[[], object]) -> bool:
         while True:
             try:
                 action()
             except Exception as exc:
                 self.failures += 1
+                self._catching_up = True
                 delay = min(
                     self.options.retry_max_s, self.options.retry_base_s * 2 ** (self.failures - 1)
                 )
@@ -200,7 +236,7 @@ class SinkWorker:
 
     def wait_idle_or_failing(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while not self.idle and self.failures == 0 and time.monotonic() < deadline:
+        while not self.idle and not self.stalled and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -272,8 +308,6 @@ class Stream:
             signal.signal(signum, lambda *_: self.stop.set())
 
     def run(self) -> StreamReport:
-        for worker in self.workers:
-            worker.sink.setup()
         self._content = self._content_snapshot()
         self.cursor.open()
         for worker in self.workers:
@@ -426,7 +460,10 @@ class Stream:
 
     def _acknowledge(self, *, idle: bool) -> None:
         """Move the slot to the lowest checkpoint (and past idle WAL when all is applied)."""
-        lowest = min(worker.applied_lsn for worker in self.workers)
+        known = [worker.applied_lsn for worker in self.workers]
+        if any(lsn is None for lsn in known):
+            return  # a sink has not told its checkpoint yet: the slot stays where it is
+        lowest = min(lsn for lsn in known if lsn is not None)
         if any(worker.fault == "before_ack" for worker in self.workers) and self.report.batches:
             _kill_self("before_ack")
         if idle and all(worker.idle for worker in self.workers):

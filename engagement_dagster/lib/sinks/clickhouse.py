@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from engagement_dagster.lib.clickhouse import clickhouse_client
+from engagement_dagster.lib.clickhouse import ClickHouseSession
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
 
 SINK_NAME = "clickhouse"
@@ -104,19 +104,20 @@ class ClickHouseSink(Sink):
     def __init__(self, dsn: str) -> None:
         super().__init__()
         self.dsn = dsn
+        self.session = ClickHouseSession(dsn)
 
     def setup(self) -> None:
-        with clickhouse_client(self.dsn) as client:
+        with self.session.use() as client:
             for ddl in (CREATE_DATABASE, CREATE_ENRICHED, CREATE_DEAD_LETTERS, CREATE_CHECKPOINTS):
                 client.command(ddl)
 
     def read_checkpoint(self) -> int:
-        with clickhouse_client(self.dsn) as client:
+        with self.session.use() as client:
             rows = client.query(READ_CHECKPOINT, parameters={"sink": self.name}).result_rows
         return int(rows[0][0] or 0) if rows else 0
 
     def write(self, batch: SinkBatch, checkpoint: int) -> None:
-        with clickhouse_client(self.dsn) as client:
+        with self.session.use() as client:
             if batch.rows.height:
                 client.insert_arrow(
                     "engagement.enriched_engagements", _insertable(batch.rows).to_arrow()
@@ -133,3 +134,10 @@ class ClickHouseSink(Sink):
                     schema={"sink": pl.String, "lsn": pl.UInt64},
                 ).to_arrow(),
             )
+
+    def tick(self) -> None:
+        """Let other processes at the embedded database while the stream is idle."""
+        self.session.release_if_idle()
+
+    def close(self) -> None:
+        self.session.release()

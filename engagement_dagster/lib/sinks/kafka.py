@@ -23,6 +23,7 @@ ENRICHED_TOPIC = "engagement.enriched.v1"
 DLQ_TOPIC = "engagement.dlq.v1"
 CHECKPOINT_TOPIC = "engagement._checkpoints"
 SCHEMA_VERSION = 1
+FLUSH_TIMEOUT_S = 10.0
 
 
 def row_messages(rows: pl.DataFrame) -> tuple[list[bytes | None], list[bytes]]:
@@ -81,6 +82,7 @@ class KafkaSink(Sink):
                 acks="all",
                 linger_ms=5,
                 max_request_size=4 * 1024 * 1024,
+                max_block_ms=10_000,  # fail the batch (and retry it), never hang on a dead broker
             )
             producer.init_transactions()  # fences older producers with this transactional.id
             self._producer = producer
@@ -112,33 +114,34 @@ class KafkaSink(Sink):
             consumer.close()
 
     def write(self, batch: SinkBatch, checkpoint: int) -> None:
-        todo = batch
         producer = self.producer
         producer.begin_transaction()
         try:
-            keys, values = row_messages(todo.rows)
+            keys, values = row_messages(batch.rows)
             for key, value in zip(keys, values, strict=True):
                 producer.send(self.enriched_topic, key=key, value=value)
-            for letter in todo.dead_letters.iter_rows(named=True):
+            for letter in batch.dead_letters.iter_rows(named=True):
                 producer.send(self.dlq_topic, value=json.dumps(letter, default=str).encode())
             producer.send(
                 self.checkpoint_topic,
                 key=self.transactional_id.encode(),
                 value=json.dumps({"lsn": batch.last_lsn}).encode(),
             )
+            # Bounded: with the broker gone, flush times out and the batch is retried later
+            # (commit_transaction itself would wait without a limit).
+            producer.flush(timeout=FLUSH_TIMEOUT_S)
             producer.commit_transaction()
         except Exception:
-            self._abort()
+            self._discard_producer()
             raise
 
-    def _abort(self) -> None:
-        if self._producer is None:
-            return
-        try:
-            self._producer.abort_transaction()
-        except Exception:
-            # A producer that cannot abort (fenced, broker gone) is rebuilt on the next batch.
-            self._producer.close(timeout=5)
+    def _discard_producer(self) -> None:
+        """Drop a producer whose transaction failed. Not aborting here is safe (an abort can
+        hang on a dead broker): the next producer's init_transactions, with the same
+        transactional.id, makes the coordinator abort the open transaction first."""
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                self._producer.close(timeout=0)
             self._producer = None
 
     def close(self) -> None:
