@@ -21,7 +21,7 @@ def default_sinks(settings: Settings) -> list[Sink]:
     """Redis first: it has the tightest latency target, and sinks start in this order."""
     return [
         RedisSink(settings.redis_url),
-        ClickHouseSink(settings.clickhouse_dsn),
+        ClickHouseSink(settings.clickhouse_dsn, hold_s=settings.clickhouse_hold_seconds),
         KafkaSink(
             kafka_client_config(settings),
             # One producer identity per slot: a new run fences the one before it.

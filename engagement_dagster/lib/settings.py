@@ -56,6 +56,13 @@ class Settings(BaseSettings):
         description="chdb:///path for embedded chDB (default: .local/clickhouse), "
         "or http(s)://user:password@host:port for a ClickHouse server.",
     )
+    clickhouse_hold_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Embedded chDB only: how long the stream keeps the database open (and "
+        "other processes waiting) between releases. Shorter: fresher reads elsewhere; but "
+        "chDB 4.4 leaks threads at every reopen.",
+    )
     kafka_bootstrap: str = "127.0.0.1:59092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

@@ -101,10 +101,10 @@ class ClickHouseSink(Sink):
 
     name = SINK_NAME
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, hold_s: float = 10.0) -> None:
         super().__init__()
         self.dsn = dsn
-        self.session = ClickHouseSession(dsn)
+        self.session = ClickHouseSession(dsn, hold_s=hold_s)
 
     def setup(self) -> None:
         with self.session.use() as client:
