@@ -178,8 +178,18 @@ def generate(
 )
 @click.option("--batch-max-ms", default=200, show_default=True, help="Cut a batch this often.")
 @click.option("--batch-max-rows", default=20_000, show_default=True, help="or at this many rows.")
+@click.option(
+    "--max-pending-rows",
+    default=500_000,
+    show_default=True,
+    help="A failing sink buffers this much, then replays from the slot.",
+)
 def stream(
-    until_caught_up: bool, run_seconds: float | None, batch_max_ms: int, batch_max_rows: int
+    until_caught_up: bool,
+    run_seconds: float | None,
+    batch_max_ms: int,
+    batch_max_rows: int,
+    max_pending_rows: int,
 ) -> None:
     """The change stream outside the daemon: the same code as the Dagster job `cdc_stream`."""
     import logging
@@ -196,6 +206,7 @@ def stream(
         run_seconds=run_seconds if run_seconds is not None else settings.stream_run_seconds,
         linger_seconds=0 if until_caught_up else None,
         report_every_s=5,
+        max_pending_rows=max_pending_rows,
     )
 
     def progress(report: StreamReport) -> None:
@@ -210,6 +221,86 @@ def stream(
     runner.install_signal_handlers()
     report = runner.run()
     console.print(f"done: caught up={report.caught_up}, {report.changes:,} changes")
+
+
+@main.command()
+@click.option(
+    "--window",
+    type=click.Choice(["10m", "1h", "1d", "1w"]),
+    default="10m",
+    show_default=True,
+    help="The sliding 10 minutes, or the open hour, day or week.",
+)
+@click.option(
+    "--by",
+    type=click.Choice(["seconds", "events"]),
+    default="seconds",
+    show_default=True,
+    help="Rank by engagement seconds or by events.",
+)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1), help="Rows shown.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+def top(window: str, by: str, limit: int, watch: bool) -> None:
+    """The live leaderboard from Redis, with titles from PostgreSQL."""
+    from typing import cast
+
+    from engagement_dagster.lib.board import Metric, Window, show_top
+
+    settings = get_settings()
+    sys.exit(
+        show_top(
+            console,
+            redis_url=settings.redis_url,
+            pg_dsn=settings.pg_dsn,
+            window=cast(Window, window),  # click.Choice checked both
+            by=cast(Metric, by),
+            limit=limit,
+            watch=watch,
+        )
+    )
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters in ClickHouse: list them, replay the ones today's rules accept."""
+
+
+@dlq.command("list")
+@click.option("--reason", default=None, help="Only this reason (e.g. unknown_event_type).")
+@click.option("--limit", default=50, show_default=True, help="Newest dead letters shown.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one per dead letter.")
+def dlq_list(reason: str | None, limit: int, as_json: bool) -> None:
+    """The newest dead letters, with counts per reason."""
+    from engagement_dagster.lib.dead_letters import (
+        dead_letters_view,
+        letter_json,
+        list_dead_letters,
+    )
+
+    listing = list_dead_letters(get_settings().clickhouse_dsn, reason=reason, limit=limit)
+    if as_json:
+        for letter in listing.letters:
+            click.echo(letter_json(letter))
+        return
+    console.print(dead_letters_view(listing, reason=reason))
+
+
+@dlq.command("replay")
+@click.option("--reason", default=None, help="Only dead letters with this reason.")
+@click.option("--dry-run", is_flag=True, help="Judge and report; write nothing.")
+def dlq_replay(reason: str | None, dry_run: bool) -> None:
+    """Re-validate unreplayed dead letters with today's rules; deliver the valid ones.
+
+    Rules: the defaults plus $ENGAGEMENT_EXTRA_EVENT_TYPES (comma-separated event types).
+    """
+    from engagement_dagster.lib.dead_letters import ReplayError, replay_dead_letters, replay_view
+
+    try:
+        report = replay_dead_letters(get_settings(), reason=reason, dry_run=dry_run)
+    except ReplayError as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        sys.exit(1)
+    console.print(replay_view(report))
 
 
 @main.command()

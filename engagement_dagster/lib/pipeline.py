@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from engagement_dagster.lib.enrich import EnrichRules
 from engagement_dagster.lib.kafka_config import kafka_client_config
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.base import Sink
@@ -31,6 +32,11 @@ def default_sinks(settings: Settings) -> list[Sink]:
     ]
 
 
+def enrich_rules(settings: Settings) -> EnrichRules:
+    """The validation rules of DESIGN §5 as configured: one source for stream and replay."""
+    return EnrichRules(event_types=settings.event_types)
+
+
 def build_stream(
     settings: Settings,
     options: StreamOptions | None = None,
@@ -43,5 +49,6 @@ def build_stream(
         publication=settings.publication,
         sinks=default_sinks(settings),
         options=options,
+        rules=enrich_rules(settings),
         on_report=on_report,
     )

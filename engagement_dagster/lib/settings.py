@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     slot: Identifier = "engagement_slot"
     publication: Identifier = "engagement_pub"
     stream_run_seconds: int = Field(default=300, ge=0)
+    extra_event_types: str = Field(
+        default="",
+        description="Comma-separated event types accepted besides play, pause, finish and "
+        "click; the stream and `engagement dlq replay` validate with the same rules.",
+    )
+
+    @property
+    def event_types(self) -> frozenset[str]:
+        extra = (t.strip() for t in self.extra_event_types.split(","))
+        return frozenset({"play", "pause", "finish", "click", *(t for t in extra if t)})
 
     @property
     def clickhouse_dsn(self) -> str:
