@@ -9,17 +9,20 @@ from __future__ import annotations
 import dagster as dg
 
 from engagement_dagster.assets.sources import source_assets
-from engagement_dagster.jobs import health_check
+from engagement_dagster.assets.stream import engagement_stream
+from engagement_dagster.jobs import cdc_stream, health_check
 from engagement_dagster.resources import (
     ClickHouseResource,
     KafkaResource,
     PostgresResource,
     RedisResource,
 )
+from engagement_dagster.sensors.change_cursor import change_cursor_sensor
 
 defs = dg.Definitions(
-    assets=[*source_assets],
-    jobs=[health_check],
+    assets=[*source_assets, engagement_stream],
+    jobs=[cdc_stream, health_check],
+    sensors=[change_cursor_sensor],
     resources={
         "postgres": PostgresResource(),
         "clickhouse": ClickHouseResource(),

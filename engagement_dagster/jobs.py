@@ -1,10 +1,12 @@
-"""Operational jobs launched from the UI: a health check of the four systems.
+"""Jobs: `cdc_stream` (the change stream run the sensor keeps alive) and the health check.
 
-Read-only: the health job reports and fails; it never repairs or restarts anything.
+Wiring only: the stream job selects the stream's assets; the health job reports and fails, it
+never repairs or restarts anything.
 """
 
 import dagster as dg
 
+from engagement_dagster.assets.stream import STREAM_SPECS, STREAM_TAG
 from engagement_dagster.resources import (
     ClickHouseResource,
     KafkaResource,
@@ -36,3 +38,16 @@ def check_systems(
 @dg.job(tags={"engagement/kind": "operations"})
 def health_check() -> None:
     check_systems()
+
+
+# In-process executor: one process per run (no step subprocess to start), and Dagster's
+# termination interrupts the op thread of the run worker itself (see assets/stream.py).
+cdc_stream = dg.define_asset_job(
+    name="cdc_stream",
+    selection=dg.AssetSelection.assets(*(spec.key for spec in STREAM_SPECS)),
+    executor_def=dg.in_process_executor,
+    # Priority: a successor must not queue behind a day of backfill runs.
+    tags={"engagement/kind": "stream", STREAM_TAG: "true", "dagster/priority": "10"},
+    description="The change stream: drain the slot, tail it for run_seconds, exit cleanly. "
+    "change_cursor_sensor keeps one such run consuming.",
+)

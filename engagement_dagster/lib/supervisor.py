@@ -6,6 +6,7 @@ Starts what is missing, supervises its children and, on Ctrl-C, stops exactly wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -190,21 +191,42 @@ class Platform:
         return int(row[0]) if row else 0
 
     def stop(self) -> None:
+        """Stop the children, then the services this run started, each in reverse order.
+
+        Each child leads its own process group, which holds what it spawned: the daemon's code
+        server and the stream runs it launched. The whole group gets SIGTERM, so a stream run
+        finishes its batch, checkpoints and frees the slot instead of outliving `make run`.
+        """
         for child in reversed(self.children):
-            if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
+            _signal_group(child.process.pid, signal.SIGTERM)
         for child in reversed(self.children):
-            try:
-                child.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+            if not _wait_group(child.process, timeout_s=60):
+                _signal_group(child.process.pid, signal.SIGKILL)
+                _wait_group(child.process, timeout_s=10)
             self.say(f"  stopped {child.name}")
         self.children.clear()
         for service in reversed(self.services):
             service.stop()
             self.say(f"  stopped {service.name}")
         self.services.clear()
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
+def _wait_group(process: subprocess.Popen[bytes], *, timeout_s: float) -> bool:
+    """Wait until the leader and every process of its group have exited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        process.poll()  # reap the leader, or the group never empties
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 class _Interrupted(Exception):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engagement_dagster.lib.local_services import local_services, port_open
 from engagement_dagster.lib.settings import Settings
-from engagement_dagster.lib.source_db import connect
+from engagement_dagster.lib.source_db import connect, slot_info
 from engagement_dagster.lib.supervisor import Platform, PlatformOptions
 
 BIN = Path(sys.executable).parent
@@ -87,5 +87,9 @@ def test_run_brings_up_the_ui_with_traffic_and_stops_cleanly(
         ["pgrep", "-f", f"dagster-webserver -h 127.0.0.1 -p {UI_PORT}"], capture_output=True
     )
     assert leftovers.returncode == 1, leftovers.stdout
+    # The stream runs the daemon launched were stopped with it: none holds the slot.
+    with connect(source_dsn) as conn:
+        slot = slot_info(conn, settings.slot)
+    assert slot is not None and not slot.active, f"a stream run outlived Ctrl-C: {slot}"
     # It did not start the services (the fixtures did), so it must leave them running.
     assert all(service.is_running() for service in local_services(settings))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,39 @@ def test_definitions_pass_dagster_validation() -> None:
 
 
 def test_asset_graph_snapshot() -> None:
-    keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {"postgres/content", "postgres/engagement_events"}
+    graph = defs.resolve_asset_graph()
+    edges = {
+        key.to_user_string(): sorted(p.to_user_string() for p in graph.get(key).parent_keys)
+        for key in graph.get_all_asset_keys()
+    }
+    assert edges == {
+        "postgres/content": [],
+        "postgres/engagement_events": [],
+        "engagement/enriched_engagements": ["postgres/content", "postgres/engagement_events"],
+        "clickhouse/enriched_engagements": ["engagement/enriched_engagements"],
+        "redis/engagement_live_board": ["engagement/enriched_engagements"],
+        "kafka/engagement_enriched_v1": ["engagement/enriched_engagements"],
+    }
+
+
+def test_the_stream_job_runs_every_stream_asset_in_one_process() -> None:
+    job = defs.resolve_job_def("cdc_stream")
+    assert job.tags.get("engagement/stream") == "true"
+    assert job.executor_def.name == "in_process"
+    keys = {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
+    assert keys == {
+        "engagement/enriched_engagements",
+        "clickhouse/enriched_engagements",
+        "redis/engagement_live_board",
+        "kafka/engagement_enriched_v1",
+    }
+
+
+def test_change_cursor_sensor_runs_by_default_and_targets_the_stream() -> None:
+    sensor = defs.resolve_sensor_def("change_cursor_sensor")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensor.minimum_interval_seconds == 5
+    assert sensor.job_name == "cdc_stream"
 
 
 def test_every_system_has_a_resource_with_a_health_check() -> None:
@@ -40,7 +72,7 @@ def test_every_system_has_a_resource_with_a_health_check() -> None:
 def test_run_config_overrides_the_environment() -> None:
     resource = PostgresResource(slot="slot_from_run_config")
     assert resource.settings.slot == "slot_from_run_config"
-    assert resource.settings.publication == "engagement_test_pub"  # from the test env
+    assert resource.settings.publication == os.environ["ENGAGEMENT_PUBLICATION"]  # test env
 
 
 def test_health_job_is_defined() -> None:
