@@ -116,8 +116,12 @@ class ClickHouseSession:
         if self.path is not None and self._used_at - self._opened_at > self.hold_s:
             self.release()
 
-    def release_if_idle(self) -> None:
-        if self._client is not None and time.monotonic() - self._used_at > self.idle_s:
+    def release_if_due(self) -> None:
+        """Release when idle for idle_s or held for hold_s, even if nobody used it since."""
+        now = time.monotonic()
+        if self._client is not None and (
+            now - self._used_at > self.idle_s or now - self._opened_at > self.hold_s
+        ):
             self.release()
 
     def _open(self, lock_timeout_s: float = 60.0) -> None:

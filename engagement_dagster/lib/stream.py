@@ -123,7 +123,7 @@ class SinkWorker:
                 return
             self._queue.append(batch)
             self._queued_rows += batch.rows.height + batch.deltas.height
-            if self._queued_rows > self.options.max_pending_rows:
+            if self._queued_rows > self.options.max_pending_rows and self.stalled:
                 log.warning(
                     "sink %s lags by %d rows: dropping its queue, it will replay from the slot",
                     self.sink.name, self._queued_rows,
@@ -163,13 +163,14 @@ class SinkWorker:
                 if self._closing and not self._queue:
                     return
                 batch = self._queue[0] if self._queue else None
-                upkeep = batch is None and not self.needs_replay and not self._closing
-                upkeep = upkeep and self.failures == 0
+                upkeep = not self._closing and self.failures == 0
+                upkeep = upkeep and time.monotonic() >= self._next_tick
             if upkeep:
                 self._tick()
-                continue
+            if batch is None and not self.needs_replay:
+                continue  # woke up for upkeep only
             if batch is None:  # dropped queue: wait until the sink answers, then ask for replay
-                self._until_applied(lambda: self.sink.checkpoint())
+                self._until_applied(self.sink.read_checkpoint)  # really asks the sink
                 self.ready_for_replay.set()
                 with self._lock:
                     while self.needs_replay and not self._closing:

@@ -82,7 +82,7 @@ class Sink(ABC):
         """Write the (already filtered) batch and its checkpoint batch.last_lsn durably."""
 
     def tick(self) -> None:  # noqa: B027 - optional hook
-        """Called about once a second while the sink is idle (time-based upkeep)."""
+        """Called about once a second, busy or idle (time-based upkeep)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default holds none."""

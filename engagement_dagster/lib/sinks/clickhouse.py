@@ -136,8 +136,8 @@ class ClickHouseSink(Sink):
             )
 
     def tick(self) -> None:
-        """Let other processes at the embedded database while the stream is idle."""
-        self.session.release_if_idle()
+        """Let other processes at the embedded database: when idle, and every hold_s."""
+        self.session.release_if_due()
 
     def close(self) -> None:
         self.session.release()
