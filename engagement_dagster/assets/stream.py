@@ -69,8 +69,8 @@ redis_live_board = dg.AssetSpec(
     group_name="stream",
     kinds={"redis"},
     skippable=True,
-    description="engagement:top:10m boards and the open windows' top/stats keys, applied "
-    "atomically per batch with the Redis checkpoint.",
+    description="The live boards engagement:top:10m (seconds) and engagement:top:10m:events, "
+    "applied atomically per batch with the Redis checkpoint.",
 )
 kafka_enriched_v1 = dg.AssetSpec(
     key=["kafka", "engagement_enriched_v1"],

@@ -25,6 +25,7 @@ from engagement_dagster.lib.change_cursor import ChangeCursor
 from engagement_dagster.lib.enrich import (
     CHANGES_SCHEMA,
     DEAD_LETTERS_SCHEMA,
+    IMAGE_COLUMNS,
     ContentVersion,
     EnrichRules,
     content_versions,
@@ -40,8 +41,7 @@ log = logging.getLogger("engagement.stream")
 
 EVENTS_TABLE = "engagement_events"
 CONTENT_TABLE = "content"
-EVENT_COLUMNS = ("id", "content_id", "user_id", "event_type", "event_ts", "duration_ms",
-                 "device", "raw_payload")  # fmt: skip
+EVENT_COLUMNS = IMAGE_COLUMNS  # engagement_events, as pgoutput delivers them
 CURRENT_WAL_LSN = "SELECT pg_current_wal_lsn()::text"
 CONTENT_SNAPSHOT = "SELECT id::text, content_type, length_seconds FROM content"
 
