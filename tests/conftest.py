@@ -87,23 +87,35 @@ def source_dsn(services: Settings) -> Iterator[str]:
     reset_test_database(services, recreate=False)
 
 
-@pytest.fixture(scope="session")
-def clean_sinks(services: Settings) -> Iterator[Settings]:
-    """Empty test sinks: the Redis test database flushed, the test chDB removed; this
-    session's Kafka topics (under its own prefix) deleted at the end."""
+@pytest.fixture(scope="module")
+def clean_sinks(source_dsn: str, services: Settings) -> Settings:
+    """A clean pipeline for one test module: empty source tables, a new slot (so no history
+    of earlier modules is replayed), the Redis test database flushed, the test chDB removed.
+    Kafka topics keep what earlier modules wrote; tests read only what this module's slot
+    produced (tests.support.kafka_versions filters by the epoch recorded here)."""
     import redis
-    from kafka.admin import KafkaAdminClient
 
     from engagement_dagster.lib.clickhouse import chdb_path
-    from engagement_dagster.lib.kafka_config import kafka_client_config
+    from tests.support import start_pipeline_epoch
 
+    start_pipeline_epoch(services)
     client = redis.Redis.from_url(services.redis_url)
     client.flushdb()
     client.close()
     path = chdb_path(services.clickhouse_dsn)
     assert path is not None and path.parent == TEST_DIR, f"refusing to remove {path}"
     shutil.rmtree(path, ignore_errors=True)
-    yield services
+    return services
+
+
+@pytest.fixture(scope="session", autouse=True)
+def drop_this_sessions_topics(services: Settings) -> Iterator[None]:
+    """Kafka topics under this session's prefix are deleted at the end."""
+    yield
+    from kafka.admin import KafkaAdminClient
+
+    from engagement_dagster.lib.kafka_config import kafka_client_config
+
     admin = KafkaAdminClient(**kafka_client_config(services))
     try:
         ours = [t for t in admin.list_topics() if t.startswith(services.kafka_topic_prefix)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,39 @@ def reset_test_database(settings: Settings, *, recreate: bool = True) -> None:
         )
     if recreate:
         init_source(settings.pg_dsn, slot=settings.slot, publication=settings.publication)
+
+
+# --- one test module's pipeline starts afresh --------------------------------------------
+
+_EPOCH = {"lsn": 0}
+TERMINATE_SLOT_USER = """
+SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+ WHERE slot_name = %s AND active_pid IS NOT NULL
+"""
+SLOT_IN_USE = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s AND active"
+DROP_SLOT = """
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s
+"""  # Kafka messages at or below this LSN belong to earlier test modules
+
+
+def start_pipeline_epoch(settings: Settings) -> None:
+    """Empty the source tables and recreate the slot at the current WAL position."""
+    with connect(settings.pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute(TERMINATE_SLOT_USER, (settings.slot,))
+        for _ in range(50):
+            cur.execute(SLOT_IN_USE, (settings.slot,))
+            row = cur.fetchone()
+            if not row or row[0] == 0:
+                break
+            time.sleep(0.1)
+        cur.execute(DROP_SLOT, (settings.slot,))
+        cur.execute("TRUNCATE engagement_events, content")
+        cur.execute("SELECT pg_current_wal_lsn()::text")
+        lsn = cur.fetchone()
+    init_source(settings.pg_dsn, slot=settings.slot, publication=settings.publication)
+    from engagement_dagster.lib.pgoutput import parse_lsn
+
+    _EPOCH["lsn"] = parse_lsn(lsn[0]) if lsn else 0
 
 
 # --- what the sinks should hold, computed from PostgreSQL, and what they do hold -----------
@@ -169,9 +203,10 @@ def kafka_versions(settings: Settings) -> list[dict[str, Any]]:
         consumer_timeout_ms=5000,
     )
     try:
-        return [json.loads(message.value) for message in consumer]
+        versions = [json.loads(message.value) for message in consumer]
     finally:
         consumer.close()
+    return [v for v in versions if v["source_lsn"] > _EPOCH["lsn"]]
 
 
 def assert_kafka_matches_postgres(settings: Settings) -> int:

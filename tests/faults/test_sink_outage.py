@@ -74,7 +74,7 @@ def test_kafka_outage_under_load(outage_db: Settings, max_pending_rows: int) -> 
     traffic.start()
     try:
         time.sleep(8)
-        assert kafka.stop(), "the local Kafka was not running"
+        assert kafka.stop(timeout_s=15), "the local Kafka was not running"
         stale_checks = []
         down_until = time.monotonic() + OUTAGE_S
         while time.monotonic() < down_until:
