@@ -7,6 +7,7 @@ module may hard-code a host, port, path or name that appears here.
 from __future__ import annotations
 
 import re
+from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -78,6 +79,25 @@ class Settings(BaseSettings):
     slot: Identifier = "engagement_slot"
     publication: Identifier = "engagement_pub"
     stream_run_seconds: int = Field(default=300, ge=0)
+    history_start: date = Field(
+        default=date(2026, 1, 1),
+        description="First day partition of clickhouse/enriched_engagements (daily backfills).",
+    )
+    rollup_start: date = Field(
+        default=date(2026, 11, 1),
+        description="First 10-minute partition of the rollups: 144 partitions a day, so a start "
+        "about a year back keeps far below Dagster's 100k partition limit.",
+    )
+    rollup_lateness_seconds: int = Field(
+        default=120,
+        ge=0,
+        description="How long after a window closes the stream still updates its Redis keys "
+        "and before the rollup rewrites it; later changes re-materialize the window.",
+    )
+    window_ttl_10m_seconds: int = Field(default=2 * 86_400, gt=0)
+    window_ttl_1h_seconds: int = Field(default=8 * 86_400, gt=0)
+    window_ttl_1d_seconds: int = Field(default=35 * 86_400, gt=0)
+    window_ttl_1w_seconds: int = Field(default=400 * 86_400, gt=0)
     extra_event_types: str = Field(
         default="",
         description="Comma-separated event types accepted besides play, pause, finish and "
@@ -88,6 +108,16 @@ class Settings(BaseSettings):
     def event_types(self) -> frozenset[str]:
         extra = (t.strip() for t in self.extra_event_types.split(","))
         return frozenset({"play", "pause", "finish", "click", *(t for t in extra if t)})
+
+    @property
+    def window_ttls(self) -> dict[str, int]:
+        """TTL of the `engagement:{window}:{window_start}:*` keys, by window."""
+        return {
+            "10m": self.window_ttl_10m_seconds,
+            "1h": self.window_ttl_1h_seconds,
+            "1d": self.window_ttl_1d_seconds,
+            "1w": self.window_ttl_1w_seconds,
+        }
 
     @property
     def clickhouse_dsn(self) -> str:
