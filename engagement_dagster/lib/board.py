@@ -1,7 +1,7 @@
 """The live leaderboards in Redis, read for people: what `engagement top` fetches and shows.
 
 Read-only: it never writes a Redis key or decides what is on a board (the stream and the rollups
-do, DESIGN §7); it fetches, ranks and formats. Window key names are built here and nowhere else.
+do, DESIGN §7); it fetches, ranks and formats. Window key names come from lib/windows.py.
 """
 
 from __future__ import annotations
@@ -23,22 +23,20 @@ from rich.text import Text
 
 from engagement_dagster.lib.sinks.redis import TOP_EVENTS, TOP_SECONDS, WINDOW_S
 from engagement_dagster.lib.source_db import connect
+from engagement_dagster.lib.windows import (
+    Window,
+    window_start,
+    window_stats_key,
+    window_top_key,
+)
 
-Window = Literal["10m", "1h", "1d", "1w"]
 Metric = Literal["seconds", "events"]
-WINDOWS: tuple[Window, ...] = get_args(Window)
 METRICS: tuple[Metric, ...] = get_args(Metric)
 
-WINDOW_SECONDS: Mapping[Window, int] = {"10m": 600, "1h": 3600, "1d": 86_400, "1w": 604_800}
 WINDOW_WORDS: Mapping[Window, str] = {
     "10m": "10 minutes", "1h": "hour", "1d": "day", "1w": "week",
 }  # fmt: skip
 
-# `window_start` in key names: UTC, minute precision, ISO 8601 basic ('20261124T2100Z'): no
-# ':' inside a key part, sorts by time, and says it is UTC.
-WINDOW_START_FORMAT = "%Y%m%dT%H%MZ"
-# 1970-01-05 was a Monday: weeks are ISO weeks, Monday 00:00 UTC to Monday 00:00 UTC.
-_WEEK_ORIGIN_S = 4 * 86_400
 
 # What RedisSink.refresh sets on the two 10-minute boards at every refresh (window + a minute),
 # so the board's age is this minus its remaining TTL.
@@ -49,47 +47,6 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 
 BAR_WIDTH = 12
 _EIGHTHS = " ▏▎▍▌▋▊▉"
-
-
-# --- window keys (DESIGN §7), shared with the rollups that write them --------------------------
-
-
-def window_start(window: Window, at: datetime) -> datetime:
-    """The start of the `window` that contains `at` (the open window when `at` is now), in UTC.
-
-    Windows are aligned in UTC: 10m on :00, :10, ... :50; 1h on the hour; 1d at 00:00 UTC; 1w at
-    Monday 00:00 UTC (ISO weeks). `at` must be timezone-aware.
-    """
-    if at.tzinfo is None:
-        raise ValueError(f"window_start needs a timezone-aware time, got naive {at!r}")
-    size = WINDOW_SECONDS[window]
-    epoch_s = int(at.timestamp() // 1)
-    origin = _WEEK_ORIGIN_S if window == "1w" else 0
-    start_s = (epoch_s - origin) // size * size + origin
-    return datetime.fromtimestamp(start_s, UTC)
-
-
-def format_window_start(window: Window, start: datetime) -> str:
-    """`window_start` as it appears in Redis key names: UTC, minute precision, '20261124T2100Z'.
-
-    The one format of `engagement:{window}:{window_start}:...` keys, for the stream, the rollups
-    and this reader alike; build keys with the functions below. Raises ValueError when `start`
-    is not the start of a `window` (a key for a misaligned window would never be read).
-    """
-    if start.tzinfo is None or window_start(window, start) != start:
-        raise ValueError(f"{start!r} is not the UTC start of a {window} window")
-    return start.astimezone(UTC).strftime(WINDOW_START_FORMAT)
-
-
-def window_top_key(window: Window, start: datetime) -> str:
-    """`engagement:{window}:{window_start}:top`: content_id -> engagement seconds (top 100)."""
-    return f"engagement:{window}:{format_window_start(window, start)}:top"
-
-
-def window_stats_key(window: Window, start: datetime, content_id: str) -> str:
-    """`engagement:{window}:{window_start}:stats:{content_id}`: hash of events,
-    engagement_seconds and avg_engagement_pct."""
-    return f"engagement:{window}:{format_window_start(window, start)}:stats:{content_id}"
 
 
 # --- what is read from Redis, and the board made of it -----------------------------------------

@@ -21,7 +21,11 @@ from engagement_dagster.lib.stream import Stream, StreamOptions, StreamReport
 def default_sinks(settings: Settings) -> list[Sink]:
     """Redis first: it has the tightest latency target, and sinks start in this order."""
     return [
-        RedisSink(settings.redis_url),
+        RedisSink(
+            settings.redis_url,
+            window_ttls=settings.window_ttls,
+            lateness_s=settings.rollup_lateness_seconds,
+        ),
         ClickHouseSink(settings.clickhouse_dsn, hold_s=settings.clickhouse_hold_seconds),
         KafkaSink(
             kafka_client_config(settings),

@@ -20,7 +20,6 @@ import polars as pl
 import pytest
 import redis
 
-from engagement_dagster.lib.board import window_start, window_stats_key, window_top_key
 from engagement_dagster.lib.enrich import DEAD_LETTERS_SCHEMA, DELTAS_SCHEMA, ENRICHED_ROWS_SCHEMA
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.base import SinkBatch
@@ -28,11 +27,13 @@ from engagement_dagster.lib.sinks.redis import (
     BUCKET_EVENTS,
     BUCKET_MS,
     CHECKPOINT_KEY,
+    LIVE_KEYS,
     TOP_EVENTS,
     TOP_SECONDS,
     RedisSink,
 )
 from engagement_dagster.lib.source_db import connect
+from engagement_dagster.lib.windows import window_start, window_stats_key, window_top_key
 
 BIN = Path(sys.executable).parent
 EMPTY_HINT = "no engagement in the last 10 minutes — is the stream running?"
@@ -60,9 +61,9 @@ def board_rows(stdout: str) -> list[list[str]]:
 @pytest.fixture
 def board_redis(clean_sinks: Settings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(clean_sinks.redis_url)
-    client.delete(TOP_SECONDS, TOP_EVENTS)
+    client.delete(*LIVE_KEYS)
     yield client
-    client.delete(TOP_SECONDS, TOP_EVENTS)
+    client.delete(*LIVE_KEYS)
     client.close()
 
 

@@ -13,19 +13,21 @@ from engagement_dagster.lib.board import (
     Board,
     BoardData,
     ContentInfo,
-    Window,
     board_view,
     build_board,
-    format_window_start,
     human_duration,
     rank,
     short_id,
-    window_start,
-    window_stats_key,
-    window_top_key,
 )
 from engagement_dagster.lib.board import (
     bar as draw_bar,
+)
+from engagement_dagster.lib.windows import (
+    Window,
+    format_window_start,
+    window_start,
+    window_stats_key,
+    window_top_key,
 )
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"

@@ -1,19 +1,41 @@
-"""Redis sink: the live 10-minute board `engagement:top:10m`, sliding by event time.
+"""Redis sink: the live 10-minute board `engagement:top:10m` and the open window keys.
 
-Each batch is one Lua script that checks the checkpoint, applies every signed contribution to
-per-second event-time buckets and moves the checkpoint, atomically: a replay is a no-op. Every
-key it writes has a TTL.
+Each batch is one Lua script that checks the checkpoint, applies every signed contribution and
+moves the checkpoint, atomically: a replay is a no-op. Every key it writes has a TTL.
+
+The live board slides by event time and is kept incrementally: per-second buckets hold each
+second's contributions, a running board holds the sum of the buckets in (low, high], and every
+slide adds the seconds that entered the window and subtracts the ones that left it. So a batch
+costs its own contributions plus one copy of the board, not a union of 600 buckets. Integer
+milliseconds keep the sums exact under any number of increments and retractions; the public
+board is the running board times 0.001. A board whose state is missing or too stale to slide
+(the buckets it would subtract may have expired) is rebuilt from the buckets.
+
+Window keys (`engagement:{10m|1h|1d|1w}:{window_start}:...`, DESIGN §7): the stream adds to a
+window's keys while it is open or within the lateness allowance; after that the rollups'
+`rewrite_window` is their only writer (lib/rollups.py reads the Redis checkpoint first, so the
+rewrite holds everything the stream applied).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import polars as pl
 import redis
 
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
+from engagement_dagster.lib.windows import (
+    WINDOW_SECONDS,
+    WINDOW_START_FORMAT,
+    Window,
+    window_members_key,
+    window_prefix,
+    window_top_key,
+)
 
 SINK_NAME = "redis"
 WINDOW_S = 600
@@ -22,59 +44,179 @@ TOP_EVENTS = "engagement:top:10m:events"
 CHECKPOINT_KEY = "engagement:_checkpoint:redis"
 BUCKET_MS = "engagement:_live:ms:{second}"  # content_id -> engagement milliseconds
 BUCKET_EVENTS = "engagement:_live:events:{second}"  # content_id -> events
+BOARD_MS = "engagement:_live:board:ms"  # sum of the buckets in (low, high]
+BOARD_EVENTS = "engagement:_live:board:events"
+BOARD_STATE = "engagement:_live:state"  # hash: low, high (epoch seconds)
+LIVE_KEYS = (TOP_SECONDS, TOP_EVENTS, BOARD_MS, BOARD_EVENTS, BOARD_STATE)
 CHECKPOINT_TTL_S = 35 * 24 * 3600
-# A bucket lives while it can be in the window, plus a minute for late refreshes.
+# A bucket lives while it can be in the window, plus a minute for late slides.
 BUCKET_TTL_S = WINDOW_S + 60
+# Board, state and public boards: the window plus a minute (lib/board.py reads the age from it).
+BOARD_TTL_S = WINDOW_S + 60
+# Slide by single seconds only this far; a longer gap (an idle stream) rebuilds the board.
+MAX_SLIDE_S = 30
 
-# KEYS[1] checkpoint. ARGV: batch last LSN, expected checkpoint, checkpoint TTL, then groups of
-# (second, content_id, milliseconds, events, expire_at). Integer milliseconds keep the buckets
-# exact under any number of increments and retractions.
-APPLY_SCRIPT = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+# Window key stats hash fields. The three DESIGN §7 names are what readers use; the exact
+# integer sums let increments and retractions never drift, and averages stay sum/count.
+STATS_EVENTS = "events"
+STATS_SECONDS = "engagement_seconds"
+STATS_AVG_PCT = "avg_engagement_pct"
+STATS_MS = "engagement_ms"
+STATS_PCT_X100 = "engagement_pct_x100_sum"
+STATS_PCT_COUNT = "engagement_pct_count"
+WINDOW_ROLLUP_SCHEMA = pl.Schema(
+    {
+        "content_id": pl.String(),
+        "events": pl.Int64(),
+        "engagement_seconds_sum": pl.Float64(),
+        "engagement_pct_sum": pl.Float64(),
+        "engagement_pct_count": pl.Int64(),
+    }
+)
+# The Polars truncation that gives a window's start (weeks start on Monday, as in lib/windows.py).
+TRUNCATE_EVERY: Mapping[Window, str] = {"10m": "10m", "1h": "1h", "1d": "1d", "1w": "1w"}
+
+# Shared Lua: slide the running board to ARGV `now` and publish it. Called by both scripts.
+_SLIDE_LUA = """
+local function move_bucket(second, sign)
+  local ms = redis.call('ZRANGE', 'engagement:_live:ms:' .. second, 0, -1, 'WITHSCORES')
+  for j = 1, #ms, 2 do
+    redis.call('ZINCRBY', 'engagement:_live:board:ms', sign * tonumber(ms[j + 1]), ms[j])
+  end
+  local ev = redis.call('ZRANGE', 'engagement:_live:events:' .. second, 0, -1, 'WITHSCORES')
+  for j = 1, #ev, 2 do
+    local left = redis.call('ZINCRBY', 'engagement:_live:board:events',
+                            sign * tonumber(ev[j + 1]), ev[j])
+    if tonumber(left) <= 0 then
+      redis.call('ZREM', 'engagement:_live:board:events', ev[j])
+      redis.call('ZREM', 'engagement:_live:board:ms', ev[j])
+    end
+  end
+end
+
+local function rebuild(low, high)
+  redis.call('DEL', 'engagement:_live:board:ms', 'engagement:_live:board:events')
+  local ms, ev = {}, {}
+  for s = low + 1, high do
+    local k = 'engagement:_live:ms:' .. s
+    if redis.call('EXISTS', k) == 1 then
+      table.insert(ms, k)
+      table.insert(ev, 'engagement:_live:events:' .. s)
+    end
+  end
+  if #ms > 0 then
+    redis.call('ZUNIONSTORE', 'engagement:_live:board:ms', #ms, unpack(ms))
+    redis.call('ZUNIONSTORE', 'engagement:_live:board:events', #ev, unpack(ev))
+  end
+end
+
+-- Returns low, high: the board holds the buckets of the seconds in (low, high].
+local function slide(now, window, max_slide, ttl)
+  local state = redis.call('HMGET', 'engagement:_live:state', 'low', 'high')
+  local low, high = tonumber(state[1]), tonumber(state[2])
+  local new_low = now - window
+  if low == nil or high == nil or new_low - low > max_slide or now - high > max_slide
+     or high - now > max_slide then
+    rebuild(new_low, now)
+    low, high = new_low, now
+  else
+    for s = high + 1, now do move_bucket(s, 1) end
+    for s = low + 1, new_low do move_bucket(s, -1) end
+    low, high = math.max(low, new_low), math.max(high, now)
+  end
+  redis.call('HSET', 'engagement:_live:state', 'low', low, 'high', high)
+  redis.call('EXPIRE', 'engagement:_live:state', ttl)
+  return low, high
+end
+
+local function publish(ttl)
+  redis.call('DEL', KEYS[1], KEYS[2])
+  if redis.call('EXISTS', 'engagement:_live:board:events') == 1 then
+    redis.call('ZUNIONSTORE', KEYS[1], 1, 'engagement:_live:board:ms', 'WEIGHTS', '0.001')
+    redis.call('ZUNIONSTORE', KEYS[2], 1, 'engagement:_live:board:events')
+  end
+  for _, k in ipairs({KEYS[1], KEYS[2], 'engagement:_live:board:ms',
+                      'engagement:_live:board:events'}) do
+    redis.call('EXPIRE', k, ttl)
+  end
+end
+"""
+
+# KEYS: top seconds, top events, checkpoint. ARGV: batch last LSN, expected checkpoint,
+# checkpoint TTL, now, window, max slide, board TTL, number of live groups; then the live groups
+# (second, content_id, milliseconds, events, expire_at); then the window groups (key prefix,
+# content_id, milliseconds, events, pct x100, pct count, TTL).
+APPLY_SCRIPT = (
+    _SLIDE_LUA
+    + """
+local current = tonumber(redis.call('GET', KEYS[3]) or '0')
 if current >= tonumber(ARGV[1]) then return 0 end
 if current ~= tonumber(ARGV[2]) then return -1 end
-for i = 4, #ARGV, 5 do
-  local ms_key = 'engagement:_live:ms:' .. ARGV[i]
-  local ev_key = 'engagement:_live:events:' .. ARGV[i]
-  local ms = redis.call('ZINCRBY', ms_key, ARGV[i + 2], ARGV[i + 1])
-  local ev = redis.call('ZINCRBY', ev_key, ARGV[i + 3], ARGV[i + 1])
-  if tonumber(ev) <= 0 then
-    redis.call('ZREM', ms_key, ARGV[i + 1])
-    redis.call('ZREM', ev_key, ARGV[i + 1])
+local ttl = tonumber(ARGV[7])
+local low, high = slide(tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ttl)
+local i = 9
+for _ = 1, tonumber(ARGV[8]) do
+  local second, cid = tonumber(ARGV[i]), ARGV[i + 1]
+  if second > low then
+    local ms_key = 'engagement:_live:ms:' .. ARGV[i]
+    local ev_key = 'engagement:_live:events:' .. ARGV[i]
+    redis.call('ZINCRBY', ms_key, ARGV[i + 2], cid)
+    local ev = redis.call('ZINCRBY', ev_key, ARGV[i + 3], cid)
+    if tonumber(ev) <= 0 then
+      redis.call('ZREM', ms_key, cid)
+      redis.call('ZREM', ev_key, cid)
+    end
+    redis.call('EXPIREAT', ms_key, ARGV[i + 4])
+    redis.call('EXPIREAT', ev_key, ARGV[i + 4])
+    if second <= high then
+      redis.call('ZINCRBY', 'engagement:_live:board:ms', ARGV[i + 2], cid)
+      local left = redis.call('ZINCRBY', 'engagement:_live:board:events', ARGV[i + 3], cid)
+      if tonumber(left) <= 0 then
+        redis.call('ZREM', 'engagement:_live:board:events', cid)
+        redis.call('ZREM', 'engagement:_live:board:ms', cid)
+      end
+    end
   end
-  redis.call('EXPIREAT', ms_key, ARGV[i + 4])
-  redis.call('EXPIREAT', ev_key, ARGV[i + 4])
+  i = i + 5
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+while i <= #ARGV do
+  local prefix, cid = ARGV[i], ARGV[i + 1]
+  local stats, top, members = prefix .. ':stats:' .. cid, prefix .. ':top', prefix .. ':_members'
+  local events = redis.call('HINCRBY', stats, 'events', ARGV[i + 3])
+  local ms = redis.call('HINCRBY', stats, 'engagement_ms', ARGV[i + 2])
+  local pct = redis.call('HINCRBY', stats, 'engagement_pct_x100_sum', ARGV[i + 4])
+  local pct_count = redis.call('HINCRBY', stats, 'engagement_pct_count', ARGV[i + 5])
+  if events <= 0 then
+    redis.call('DEL', stats)
+    redis.call('ZREM', top, cid)
+    redis.call('SREM', members, cid)
+  else
+    local avg = ''
+    if pct_count > 0 then avg = pct / (100 * pct_count) end
+    redis.call('HSET', stats, 'engagement_seconds', ms / 1000, 'avg_engagement_pct', avg)
+    redis.call('ZADD', top, ms / 1000, cid)
+    redis.call('SADD', members, cid)
+    redis.call('EXPIRE', stats, ARGV[i + 6])
+  end
+  redis.call('EXPIRE', top, ARGV[i + 6])
+  redis.call('EXPIRE', members, ARGV[i + 6])
+  i = i + 7
+end
+publish(ttl)
+redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
 return 1
 """
+)
 
-# KEYS: top seconds, top events. ARGV: first second of the window, last second, TTL.
-REFRESH_SCRIPT = """
-local seconds = {'ZUNIONSTORE', KEYS[1], 0}
-local events = {'ZUNIONSTORE', KEYS[2], 0}
-local weights = {'WEIGHTS'}
-for s = tonumber(ARGV[1]), tonumber(ARGV[2]) do
-  local k = 'engagement:_live:ms:' .. s
-  if redis.call('EXISTS', k) == 1 then
-    table.insert(seconds, k)
-    table.insert(events, 'engagement:_live:events:' .. s)
-    table.insert(weights, '0.001')
-  end
-end
-local n = #seconds - 3
-if n == 0 then
-  redis.call('DEL', KEYS[1], KEYS[2])
-  return 0
-end
-seconds[3], events[3] = n, n
-for _, w in ipairs(weights) do table.insert(seconds, w) end
-redis.call(unpack(seconds))
-redis.call(unpack(events))
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return n
+# KEYS: top seconds, top events. ARGV: now, window, max slide, board TTL.
+REFRESH_SCRIPT = (
+    _SLIDE_LUA
+    + """
+slide(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+publish(tonumber(ARGV[4]))
+return redis.call('ZCARD', KEYS[2])
 """
+)
 
 
 class CheckpointMoved(RuntimeError):
@@ -84,58 +226,100 @@ class CheckpointMoved(RuntimeError):
 class RedisSink(Sink):
     name = SINK_NAME
 
-    def __init__(self, url: str, *, window_s: int = WINDOW_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        window_s: int = WINDOW_S,
+        window_ttls: Mapping[Window, int] | None = None,
+        lateness_s: int = 120,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`window_ttls` (by "10m", "1h", "1d", "1w"; Settings.window_ttls): which window keys the
+        stream keeps current, and their TTL; None or empty keeps only the live board."""
         super().__init__()
         self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.window_s = window_s
+        self.window_ttls = dict(window_ttls or {})
+        self.lateness_s = lateness_s
+        self.clock = clock
         self._apply = self.client.register_script(APPLY_SCRIPT)
         self._refresh = self.client.register_script(REFRESH_SCRIPT)
 
     def read_checkpoint(self) -> int:
-        value = self.client.get(CHECKPOINT_KEY)
-        return int(value) if value else 0
+        return read_checkpoint(self.client)
 
     def write(self, batch: SinkBatch, checkpoint: int) -> None:
-        now_s = time.time()
-        args = self._contributions(batch.deltas, now_s)
+        now = int(self.clock())
+        live = self._live_contributions(batch.deltas, now)
+        windows = self._window_contributions(batch.deltas, now)
         result = self._apply(
-            keys=[CHECKPOINT_KEY], args=[batch.last_lsn, checkpoint, CHECKPOINT_TTL_S, *args]
-        )
+            keys=[TOP_SECONDS, TOP_EVENTS, CHECKPOINT_KEY],
+            args=[
+                batch.last_lsn, checkpoint, CHECKPOINT_TTL_S,
+                now, self.window_s, MAX_SLIDE_S, BOARD_TTL_S, len(live) // 5,
+                *live, *windows,
+            ],
+        )  # fmt: skip
         if result == -1:
             raise CheckpointMoved(
                 f"Redis checkpoint moved away from {checkpoint} while applying up to "
                 f"{batch.last_lsn}; is a second stream running on this slot?"
             )
-        self.refresh(now_s=now_s)
 
-    def _contributions(self, deltas: pl.DataFrame, now_s: float) -> list[Any]:
-        """Flattened (second, content_id, ms, events, expire_at) groups for the window."""
+    def _live_contributions(self, deltas: pl.DataFrame, now: int) -> list[Any]:
+        """Flattened (second, content_id, ms, events, expire_at) groups for the live board."""
         if deltas.height == 0:
             return []
-        oldest = int(now_s) - self.window_s
         grouped = (
-            deltas.filter(pl.col("content_id").is_not_null())
-            .with_columns(
-                second=pl.col("event_ts").dt.epoch("s"),
-                ms=(pl.col("engagement_seconds").fill_null(0.0) * 1000).round(0).cast(pl.Int64),
-            )
-            .filter(pl.col("second") > oldest)  # already out of the window: nothing to show
+            _with_ms(deltas.filter(pl.col("content_id").is_not_null()))
+            .with_columns(second=pl.col("event_ts").dt.epoch("s"))
+            .filter(pl.col("second") > now - self.window_s)  # already out of the window
             .group_by("second", "content_id", maintain_order=True)
             .agg(pl.col("ms").sum(), pl.col("events").sum())
             .with_columns(expire_at=pl.col("second") + BUCKET_TTL_S)
         )
+        return _flatten(grouped)
+
+    def _window_contributions(self, deltas: pl.DataFrame, now: int) -> list[Any]:
+        """Flattened (key prefix, content_id, ms, events, pct x100, pct count, ttl) groups for
+        the windows still open to the stream: those with end + lateness after `now`."""
+        if deltas.height == 0 or not self.window_ttls:
+            return []
+        valid = _with_ms(deltas.filter(pl.col("content_id").is_not_null())).with_columns(
+            pct_x100=(pl.col("engagement_pct").fill_null(0.0) * 100).round(0).cast(pl.Int64),
+            pct_count=pl.when(pl.col("engagement_pct").is_not_null())
+            .then(pl.col("events"))
+            .otherwise(0),
+        )
         flat: list[Any] = []
-        for row in grouped.iter_rows():
-            flat.extend(row)
+        for window, ttl in self.window_ttls.items():
+            size_s = WINDOW_SECONDS[window]
+            grouped = (
+                valid.with_columns(start=pl.col("event_ts").dt.truncate(TRUNCATE_EVERY[window]))
+                .filter(pl.col("start").dt.epoch("s") + size_s + self.lateness_s > now)
+                .group_by("start", "content_id", maintain_order=True)
+                .agg(pl.col("ms", "events", "pct_x100", "pct_count").sum())
+                .select(
+                    prefix=pl.format(
+                        "engagement:{}:{}", pl.lit(window), pl.col("start").dt.strftime(
+                            WINDOW_START_FORMAT
+                        )
+                    ),
+                    content_id="content_id", ms="ms", events="events",
+                    pct_x100="pct_x100", pct_count="pct_count", ttl=pl.lit(ttl),
+                )
+            )  # fmt: skip
+            flat.extend(_flatten(grouped))
         return flat
 
     def refresh(self, *, now_s: float | None = None) -> int:
-        """Recompute the two boards from the buckets of the last window_s seconds."""
-        now = int(now_s or time.time())
+        """Slide the live board to now and publish it; the number of items on it."""
+        now = int(now_s or self.clock())
         return int(
             self._refresh(
                 keys=[TOP_SECONDS, TOP_EVENTS],
-                args=[now - self.window_s + 1, now, self.window_s + 60],
+                args=[now, self.window_s, MAX_SLIDE_S, BOARD_TTL_S],
             )
         )
 
@@ -145,3 +329,93 @@ class RedisSink(Sink):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _with_ms(deltas: pl.DataFrame) -> pl.DataFrame:
+    return deltas.with_columns(
+        ms=(pl.col("engagement_seconds").fill_null(0.0) * 1000).round(0).cast(pl.Int64)
+    )
+
+
+def _flatten(frame: pl.DataFrame) -> list[Any]:
+    """The rows of `frame` end to end, as script arguments; groups that sum to nothing dropped."""
+    flat: list[Any] = []
+    for row in frame.filter((pl.col("ms") != 0) | (pl.col("events") != 0)).iter_rows():
+        flat.extend(row)
+    return flat
+
+
+def read_checkpoint(client: redis.Redis) -> int:
+    """The Redis sink's checkpoint: the highest commit LSN it has applied (0: none)."""
+    value = client.get(CHECKPOINT_KEY)
+    return int(value) if value else 0
+
+
+# --- closed windows: written by the rollups, authoritative ---------------------------------------
+
+
+def rewrite_window(
+    client: redis.Redis,
+    window: Window,
+    start: datetime,
+    rows: pl.DataFrame,
+    *,
+    ttl_s: int,
+    top_n: int = 100,
+) -> None:
+    """Replace every key of one window with `rows` (WINDOW_ROLLUP_SCHEMA), in one MULTI.
+
+    Writes the `top` set (the `top_n` items by engagement seconds), a stats hash per item with
+    events (> 0), and the internal member set; removes stats of items no longer in the window.
+    Idempotent. Callers make sure the stream no longer adds to this window (lib/rollups.py).
+    """
+    prefix = window_prefix(window, start)
+    top, members = window_top_key(window, start), window_members_key(window, start)
+    rows = rows.filter(pl.col("events") > 0).with_columns(
+        ms=(pl.col("engagement_seconds_sum") * 1000).round(0).cast(pl.Int64),
+        pct_x100=(pl.col("engagement_pct_sum") * 100).round(0).cast(pl.Int64),
+    )
+    before = {m.decode() for m in client.smembers(members)}
+    keep = set(rows["content_id"].to_list())
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(top, members, *(f"{prefix}:stats:{cid}" for cid in before - keep))
+    leaders = rows.sort("ms", "content_id", descending=[True, False]).head(top_n)
+    if leaders.height:
+        pipe.zadd(top, dict(zip(leaders["content_id"], leaders["ms"] / 1000, strict=True)))
+        pipe.expire(top, ttl_s)
+    for cid, events, ms, pct_x100, pct_count in rows.select(
+        "content_id", "events", "ms", "pct_x100", "engagement_pct_count"
+    ).iter_rows():
+        stats = f"{prefix}:stats:{cid}"
+        pipe.delete(stats)
+        pipe.hset(
+            stats,
+            mapping={
+                STATS_EVENTS: events,
+                STATS_SECONDS: repr(ms / 1000),
+                STATS_AVG_PCT: repr(pct_x100 / (100 * pct_count)) if pct_count > 0 else "",
+                STATS_MS: ms,
+                STATS_PCT_X100: pct_x100,
+                STATS_PCT_COUNT: pct_count,
+            },
+        )
+        pipe.expire(stats, ttl_s)
+    if keep:
+        pipe.sadd(members, *keep)
+        pipe.expire(members, ttl_s)
+    pipe.execute()
+
+
+def read_window(client: redis.Redis, window: Window, start: datetime) -> pl.DataFrame:
+    """Every item's stats of one window, as WINDOW_ROLLUP_SCHEMA (the rollup's columns)."""
+    prefix = window_prefix(window, start)
+    members = sorted(m.decode() for m in client.smembers(window_members_key(window, start)))
+    pipe = client.pipeline(transaction=True)
+    for cid in members:
+        pipe.hmget(f"{prefix}:stats:{cid}", STATS_EVENTS, STATS_MS, STATS_PCT_X100, STATS_PCT_COUNT)
+    rows = [
+        (cid, int(events), int(ms) / 1000, int(pct_x100) / 100, int(pct_count))
+        for cid, (events, ms, pct_x100, pct_count) in zip(members, pipe.execute(), strict=True)
+        if events is not None
+    ]
+    return pl.DataFrame(rows, schema=WINDOW_ROLLUP_SCHEMA, orient="row")
