@@ -22,7 +22,12 @@ from engagement_dagster.lib.change_cursor import SlotBusy
 from engagement_dagster.lib.pgoutput import format_lsn
 from engagement_dagster.lib.pipeline import build_stream
 from engagement_dagster.lib.settings import Settings
-from engagement_dagster.lib.source_db import SlotInfo, connect, slot_info
+from engagement_dagster.lib.source_db import (
+    SlotInfo,
+    connect,
+    slot_info,
+    successor_application_name,
+)
 from engagement_dagster.lib.stream import Stream, StreamOptions, StreamReport
 from engagement_dagster.resources import (
     ClickHouseResource,
@@ -111,8 +116,14 @@ class StreamRunConfig(dg.Config):
     report_every_s: float = Field(
         default=30.0, gt=0, description="At most one materialization per asset this often."
     )
+    handover_grace_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        description="After run_seconds, stream on until a successor waits for the slot, at most "
+        "this long: the handover then never waits for a slow run launch. 0: end at run_seconds.",
+    )
     slot_wait_seconds: float = Field(
-        default=60.0,
+        default=180.0,
         ge=0,
         description="A successor waits this long for the run before it to release the slot.",
     )
@@ -120,6 +131,7 @@ class StreamRunConfig(dg.Config):
     def stream_options(self, settings: Settings) -> StreamOptions:
         run_seconds = self.run_seconds
         return StreamOptions(
+            handover_grace_seconds=self.handover_grace_seconds,
             batch_max_ms=self.batch_max_ms,
             batch_max_rows=self.batch_max_rows,
             run_seconds=float(settings.stream_run_seconds if run_seconds is None else run_seconds),
@@ -257,7 +269,9 @@ class _StreamThread(threading.Thread):
     def _wait_for_slot(self, deadline: float) -> bool:
         """Poll until the slot is free or the deadline passes (True), or the run stops (False)."""
         slot = self.settings.slot
-        with connect(self.settings.pg_dsn) as conn:
+        # Named so the run holding the slot sees us waiting and hands over (Stream._hand_over).
+        waiting_as = successor_application_name(slot)
+        with connect(self.settings.pg_dsn, application_name=waiting_as) as conn:
             while not self.stream.stop.is_set():
                 info = _require_slot(slot_info(conn, slot), slot)
                 if not info.active or time.monotonic() >= deadline:

@@ -85,9 +85,11 @@ class InitReport:
 
 
 @contextmanager
-def connect(dsn: str, *, autocommit: bool = True) -> Iterator[psycopg2.extensions.connection]:
+def connect(
+    dsn: str, *, autocommit: bool = True, application_name: str = "engagement"
+) -> Iterator[psycopg2.extensions.connection]:
     """A short-lived connection that is always closed."""
-    conn = psycopg2.connect(dsn, connect_timeout=5, application_name="engagement")
+    conn = psycopg2.connect(dsn, connect_timeout=5, application_name=application_name)
     conn.autocommit = autocommit
     try:
         yield conn
@@ -119,6 +121,23 @@ def slot_info(conn: psycopg2.extensions.connection, slot: str) -> SlotInfo | Non
         return None
     plugin, _slot_type, database, active, active_pid, wal_status, lag_bytes = row
     return SlotInfo(slot, plugin, database, active, active_pid, wal_status, lag_bytes)
+
+
+def successor_application_name(slot: str) -> str:
+    """The application_name of a successor run's connection while it waits for `slot`: how the
+    run holding the slot sees that it may hand over (`successor_waiting`)."""
+    return f"engagement-successor:{slot}"[:63]
+
+
+def successor_waiting(conn: psycopg2.extensions.connection, slot: str) -> bool:
+    """True when a successor run is connected and waiting for `slot`."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = %s)",
+            (successor_application_name(slot),),
+        )
+        row = cur.fetchone()
+    return bool(row and row[0])
 
 
 def check_logical_replication(conn: psycopg2.extensions.connection) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import polars as pl
+import psycopg2
 
 from engagement_dagster.lib.change_cursor import ChangeCursor
 from engagement_dagster.lib.enrich import (
@@ -35,7 +36,7 @@ from engagement_dagster.lib.enrich import (
 )
 from engagement_dagster.lib.pgoutput import Transaction
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
-from engagement_dagster.lib.source_db import connect
+from engagement_dagster.lib.source_db import connect, successor_waiting
 
 log = logging.getLogger("engagement.stream")
 
@@ -47,6 +48,7 @@ CONTENT_SNAPSHOT = "SELECT id::text, content_type, length_seconds FROM content"
 
 # Fault injection for crash tests (off unless set): kill -9 ourselves at a named point.
 FAULT_ENV = "ENGAGEMENT_FAULT"  # before_ack, or after_sink:<name>
+SUCCESSOR_POLL_S = 0.1  # a run in its handover grace looks for a waiting successor this often
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class StreamOptions:
     batch_max_ms: int = 200
     batch_max_rows: int = 20_000
     run_seconds: float = 300.0  # the run ends this long after it starts (at a batch boundary)
+    # After run_seconds, keep streaming until a successor waits for the slot, at most this long
+    # (0: end at run_seconds). A slow run launch then costs no gap: the handover happens when
+    # the successor is ready, whenever that is.
+    handover_grace_seconds: float = 0.0
     linger_seconds: float | None = None  # once caught up, exit after this long; 0: at once
     report_every_s: float = 30.0
     retry_base_s: float = 0.5
@@ -292,6 +298,7 @@ class Stream:
         self.workers = [SinkWorker(sink, self.options, self.report) for sink in sinks]
         self.on_report = on_report
         self.stop = threading.Event()
+        self._successor_polled_at = 0.0
         self._content = fold_content_versions(content_versions([]))
         fault = os.environ.get(FAULT_ENV) or None
         if fault is not None and not _valid_fault(fault, [s.name for s in sinks]):
@@ -319,7 +326,9 @@ class Stream:
         try:
             self._acknowledge(idle=False)
             while not self.stop.is_set():
-                if time.monotonic() - started >= self.options.run_seconds:
+                if time.monotonic() - started >= self.options.run_seconds and self._hand_over(
+                    time.monotonic() - started - self.options.run_seconds
+                ):
                     break
                 transactions = self._read_batch()
                 if transactions:
@@ -345,6 +354,22 @@ class Stream:
             self.cursor.close()
         self._publish()
         return self.report
+
+    def _hand_over(self, overtime_s: float) -> bool:
+        """Whether a run past its run_seconds ends now: at once without a grace, else when a
+        successor waits for the slot or the grace is over. Polled at most every 0.1 s."""
+        if overtime_s >= self.options.handover_grace_seconds:
+            return True
+        now = time.monotonic()
+        if now - self._successor_polled_at < SUCCESSOR_POLL_S:
+            return False
+        self._successor_polled_at = now
+        try:
+            with connect(self.dsn) as conn:
+                return successor_waiting(conn, self.cursor.slot)
+        except psycopg2.Error as exc:
+            log.warning("could not look for a successor (%s); streaming on", exc)
+            return False
 
     def _drained(self, target: int) -> bool:
         """Caught up with the WAL as it was when the run started, every sink applied."""

@@ -8,6 +8,8 @@ invalid kind of DESIGN §5, and re-running the stream over what it already appli
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -18,7 +20,7 @@ from engagement_dagster.lib.generator import TrafficOptions, run_traffic, seed_c
 from engagement_dagster.lib.pipeline import build_stream
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.kafka import DLQ_TOPIC
-from engagement_dagster.lib.source_db import connect
+from engagement_dagster.lib.source_db import connect, successor_application_name
 from engagement_dagster.lib.stream import StreamOptions, StreamReport
 from tests.support import (
     assert_clickhouse_matches_postgres,
@@ -179,6 +181,34 @@ def test_replaying_what_was_applied_changes_nothing(stream_db: Settings) -> None
     assert assert_kafka_matches_postgres(stream_db) == before
     assert_clickhouse_matches_postgres(stream_db)
     assert_redis_matches_postgres(stream_db)
+
+
+def test_a_run_past_its_time_streams_on_until_a_successor_waits(stream_db: Settings) -> None:
+    """With a handover grace, the end of a run waits for its successor, not the other way
+    round: a slow run launch costs no gap. Without a successor it ends at the grace's end."""
+    options = StreamOptions(run_seconds=0.5, handover_grace_seconds=30, report_every_s=60)
+    stream = build_stream(stream_db, options)
+    runner = threading.Thread(target=stream.run)
+    started = time.monotonic()
+    runner.start()
+    try:
+        time.sleep(3)
+        assert runner.is_alive(), "the run ended at run_seconds with no successor waiting"
+        waiting_as = successor_application_name(stream_db.slot)
+        with connect(stream_db.pg_dsn, application_name=waiting_as):
+            asked = time.monotonic()
+            runner.join(timeout=10)
+            assert not runner.is_alive(), "a successor waited and the run did not hand over"
+            assert time.monotonic() - asked < 2.0
+    finally:
+        stream.stop.set()
+        runner.join(timeout=30)
+    assert time.monotonic() - started < 15
+
+    alone = build_stream(stream_db, StreamOptions(run_seconds=0.2, handover_grace_seconds=1.5))
+    began = time.monotonic()
+    alone.run()
+    assert 1.5 <= time.monotonic() - began < 10, "the grace is a bound, not a wait forever"
 
 
 def test_content_changes_reach_later_events_only(stream_db: Settings) -> None:
