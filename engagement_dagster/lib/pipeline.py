@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from engagement_dagster.lib.enrich import EnrichRules
-from engagement_dagster.lib.kafka_config import kafka_client_config
+from engagement_dagster.lib.kafka_config import kafka_client_config, librdkafka_config
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.base import Sink
 from engagement_dagster.lib.sinks.clickhouse import ClickHouseSink
 from engagement_dagster.lib.sinks.kafka import KafkaSink
+from engagement_dagster.lib.sinks.kafka_confluent import ConfluentKafkaSink
 from engagement_dagster.lib.sinks.redis import RedisSink
 from engagement_dagster.lib.stream import Stream, StreamOptions, StreamReport
 
@@ -27,13 +28,26 @@ def default_sinks(settings: Settings) -> list[Sink]:
             lateness_s=settings.rollup_lateness_seconds,
         ),
         ClickHouseSink(settings.clickhouse_dsn, hold_s=settings.clickhouse_hold_seconds),
-        KafkaSink(
-            kafka_client_config(settings),
-            # One producer identity per slot: a new run fences the one before it.
-            transactional_id=f"engagement-stream-{settings.slot}",
-            topic_prefix=settings.kafka_topic_prefix,
-        ),
+        kafka_sink(settings),
     ]
+
+
+def kafka_sink(settings: Settings) -> Sink:
+    """The Kafka sink on the configured client library (ENGAGEMENT_KAFKA_CLIENT)."""
+    # One producer identity per slot: a new run fences the one before it, whichever library
+    # each uses; both write the same checkpoint records, so a switch resumes where it was.
+    transactional_id = f"engagement-stream-{settings.slot}"
+    if settings.kafka_client == "kafka-python":
+        return KafkaSink(
+            kafka_client_config(settings),
+            transactional_id=transactional_id,
+            topic_prefix=settings.kafka_topic_prefix,
+        )
+    return ConfluentKafkaSink(
+        librdkafka_config(settings),
+        transactional_id=transactional_id,
+        topic_prefix=settings.kafka_topic_prefix,
+    )
 
 
 def enrich_rules(settings: Settings) -> EnrichRules:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Producer
 from pydantic import SecretStr
 
 from engagement_dagster.lib.kafka_config import kafka_client_config, librdkafka_config
+from engagement_dagster.lib.pipeline import kafka_sink
 from engagement_dagster.lib.settings import Settings
-from engagement_dagster.lib.sinks.kafka_confluent import PRODUCER_DEFAULTS
+from engagement_dagster.lib.sinks.kafka import KafkaSink
+from engagement_dagster.lib.sinks.kafka_confluent import PRODUCER_DEFAULTS, ConfluentKafkaSink
 
 
 def secured(tmp_path: Path) -> Settings:
@@ -63,3 +66,12 @@ def test_librdkafka_accepts_the_sasl_and_producer_properties() -> None:
         {**librdkafka_config(settings), **PRODUCER_DEFAULTS, "transactional.id": "unit"}
     )
     assert len(producer) == 0  # created, nothing queued
+
+
+def test_the_stream_uses_the_configured_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ENGAGEMENT_KAFKA_CLIENT", raising=False)
+    assert isinstance(kafka_sink(Settings()), ConfluentKafkaSink)  # the measured faster one
+    monkeypatch.setenv("ENGAGEMENT_KAFKA_CLIENT", "kafka-python")
+    old = kafka_sink(Settings())
+    assert isinstance(old, KafkaSink)
+    assert old.transactional_id == f"engagement-stream-{Settings().slot}"
