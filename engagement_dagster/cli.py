@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from datetime import datetime
 
 import click
 from rich.console import Console
@@ -16,6 +17,7 @@ from rich.table import Table
 from engagement_dagster.lib.settings import get_settings
 
 console = Console()
+DAY = click.DateTime(["%Y-%m-%d"])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -301,6 +303,56 @@ def dlq_replay(reason: str | None, dry_run: bool) -> None:
         console.print(str(exc), style="red", markup=False, highlight=False)
         sys.exit(1)
     console.print(replay_view(report))
+
+
+@main.command()
+@click.option("--from", "first", type=DAY, required=True, help="First UTC day.")
+@click.option("--to", "last", type=DAY, default=None, help="Last UTC day (default: --from).")
+@click.option("--kafka", is_flag=True, help="Also replay the days to Kafka (op r).")
+def backfill(first: datetime, last: datetime | None, kafka: bool) -> None:
+    """Rebuild UTC days of ClickHouse from a PostgreSQL snapshot; safe while the stream runs."""
+    from engagement_dagster.lib.backfill import backfill_days
+
+    report = backfill_days(get_settings(), first.date(), (last or first).date(), to_kafka=kafka)
+    for day in report.days:
+        console.print(
+            f"{day.day}  read {day.rows_read:,}  written {day.rows_written:,}  "
+            f"tombstones {day.tombstones:,}  invalid {day.dead_letters:,}  {day.seconds:.1f}s",
+            highlight=False,
+        )
+    console.print(
+        f"done: {report.rows_read:,} events in {report.seconds:.1f}s "
+        f"({report.rows_per_s:,.0f}/s), snapshot version {report.version}"
+    )
+
+
+@main.command()
+@click.option(
+    "--from", "start", required=True, help="ISO timestamp with a zone, e.g. 2026-11-20T00:00Z."
+)
+@click.option(
+    "--kafka/--no-kafka", default=True, show_default=True, help="Replay the rebuilt days to Kafka."
+)
+def restart(start: str, kafka: bool) -> None:
+    """Restart from a point: fresh slot, days since --from rebuilt, every sink's checkpoint set.
+
+    Refuses while a stream consumes the slot: stop change_cursor_sensor and its run first.
+    """
+    from engagement_dagster.lib.pgoutput import format_lsn
+    from engagement_dagster.lib.restart import RestartRefused, restart_from
+
+    try:
+        report = restart_from(get_settings(), datetime.fromisoformat(start), to_kafka=kafka)
+    except (RestartRefused, ValueError) as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        sys.exit(1)
+    console.print(
+        f"slot {report.slot} recreated at {format_lsn(report.consistent_lsn)}; checkpoints "
+        f"{report.previous_checkpoints} -> {report.checkpoint}; rebuilt "
+        f"{len(report.backfill.days)} days ({report.backfill.rows_read:,} events); "
+        "the next stream run continues from there",
+        highlight=False,
+    )
 
 
 @main.command()

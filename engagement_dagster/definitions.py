@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from engagement_dagster.assets.history import clickhouse_enriched_engagements, restart_from_point
 from engagement_dagster.assets.sources import source_assets
 from engagement_dagster.assets.stream import engagement_stream
 from engagement_dagster.jobs import cdc_stream, health_check
@@ -20,8 +21,8 @@ from engagement_dagster.resources import (
 from engagement_dagster.sensors.change_cursor import change_cursor_sensor
 
 defs = dg.Definitions(
-    assets=[*source_assets, engagement_stream],
-    jobs=[cdc_stream, health_check],
+    assets=[*source_assets, engagement_stream, clickhouse_enriched_engagements],
+    jobs=[cdc_stream, health_check, restart_from_point],
     sensors=[change_cursor_sensor],
     resources={
         "postgres": PostgresResource(),

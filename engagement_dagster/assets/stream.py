@@ -58,16 +58,9 @@ enriched_engagements = dg.AssetSpec(
     description="The change stream decoded from the slot, enriched with content and validated "
     "(DESIGN §5), in micro-batches of whole transactions; lives in the stream run only.",
 )
-clickhouse_enriched_engagements = dg.AssetSpec(
-    key=["clickhouse", "enriched_engagements"],
-    deps=[enriched_engagements],
-    group_name="stream",
-    kinds={"clickhouse"},
-    skippable=True,
-    description="engagement.enriched_engagements (ReplacingMergeTree by source_lsn) and "
-    "engagement.dead_letters; query with FINAL for exact answers.",
-    metadata={"dagster/table_name": "engagement.enriched_engagements"},
-)
+# The warehouse table is the daily-partitioned asset of assets/history.py (backfills); the
+# stream reports its materializations for today's partition instead of owning an output.
+CLICKHOUSE_ENRICHED_KEY = dg.AssetKey(["clickhouse", "enriched_engagements"])
 redis_live_board = dg.AssetSpec(
     key=["redis", "engagement_live_board"],
     deps=[enriched_engagements],
@@ -88,12 +81,14 @@ kafka_enriched_v1 = dg.AssetSpec(
 )
 
 # The stream's sink names (lib/sinks/*.py SINK_NAME) and the asset each one feeds.
-SINK_ASSETS: Mapping[str, dg.AssetSpec] = {
-    "clickhouse": clickhouse_enriched_engagements,
-    "redis": redis_live_board,
-    "kafka": kafka_enriched_v1,
+SINK_ASSETS: Mapping[str, dg.AssetKey] = {
+    "clickhouse": CLICKHOUSE_ENRICHED_KEY,
+    "redis": redis_live_board.key,
+    "kafka": kafka_enriched_v1.key,
 }
-STREAM_SPECS: Sequence[dg.AssetSpec] = [enriched_engagements, *SINK_ASSETS.values()]
+# What the stream's multi-asset (and so job cdc_stream) defines, and what each run reports.
+STREAM_SPECS: Sequence[dg.AssetSpec] = [enriched_engagements, redis_live_board, kafka_enriched_v1]
+REPORTED_KEYS: Sequence[dg.AssetKey] = [enriched_engagements.key, *SINK_ASSETS.values()]
 
 
 class StreamRunConfig(dg.Config):
@@ -116,27 +111,27 @@ class StreamRunConfig(dg.Config):
     report_every_s: float = Field(
         default=30.0, gt=0, description="At most one materialization per asset this often."
     )
+    slot_wait_seconds: float = Field(
+        default=180.0,
+        ge=0,
+        description="A successor waits this long for the run before it to release the slot.",
+    )
     handover_grace_seconds: float = Field(
         default=120.0,
         ge=0,
         description="After run_seconds, stream on until a successor waits for the slot, at most "
         "this long: the handover then never waits for a slow run launch. 0: end at run_seconds.",
     )
-    slot_wait_seconds: float = Field(
-        default=180.0,
-        ge=0,
-        description="A successor waits this long for the run before it to release the slot.",
-    )
 
     def stream_options(self, settings: Settings) -> StreamOptions:
         run_seconds = self.run_seconds
         return StreamOptions(
-            handover_grace_seconds=self.handover_grace_seconds,
             batch_max_ms=self.batch_max_ms,
             batch_max_rows=self.batch_max_rows,
             run_seconds=float(settings.stream_run_seconds if run_seconds is None else run_seconds),
             linger_seconds=self.linger_seconds,
             report_every_s=self.report_every_s,
+            handover_grace_seconds=self.handover_grace_seconds,
         )
 
 
@@ -188,7 +183,7 @@ def report_metadata(
     if rows_per_s is not None:
         stream["rows_per_s"] = round(rows_per_s, 1)
     result = {enriched_engagements.key: stream}
-    for sink, spec in SINK_ASSETS.items():
+    for sink, key in SINK_ASSETS.items():
         metadata: dict[str, MetadataScalar] = {
             "rows": report.rows,
             "batches": report.batches,
@@ -202,7 +197,7 @@ def report_metadata(
             metadata["latency_p99_ms"] = round(percentile(latencies, 99), 1)
         error = report.sink_errors.get(sink)
         metadata["sink_error"] = error or ""
-        result[spec.key] = metadata
+        result[key] = metadata
     return result
 
 
@@ -391,10 +386,19 @@ def _relay(
             )
             continue
         lag = _lag_bytes(settings)
+        today = today_partition_key()
         for key, metadata in event.metadata.items():
             if lag is not None:
                 metadata = {**metadata, "lag_bytes": lag}
-            context.log_event(dg.AssetMaterialization(asset_key=key, metadata=metadata))
+            partition = today if key == CLICKHOUSE_ENRICHED_KEY else None
+            context.log_event(
+                dg.AssetMaterialization(asset_key=key, metadata=metadata, partition=partition)
+            )
+
+
+def today_partition_key() -> str:
+    """The daily partition (UTC, ISO date: assets/history.py) the stream keeps fresh."""
+    return datetime.now(UTC).date().isoformat()
 
 
 def _join(worker: threading.Thread, timeout_s: float) -> None:

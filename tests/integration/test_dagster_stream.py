@@ -21,9 +21,10 @@ import pytest
 
 from engagement_dagster.assets.stream import (
     ENDS_AT_TAG,
+    REPORTED_KEYS,
     SLOT_TAG,
-    STREAM_SPECS,
     SUCCESSOR_OF_TAG,
+    today_partition_key,
 )
 from engagement_dagster.definitions import defs
 from engagement_dagster.lib.clickhouse import clickhouse_client
@@ -38,7 +39,7 @@ BIN = Path(sys.executable).parent
 LSN_TEXT = re.compile(r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
 SINK_KEYS = {"clickhouse/enriched_engagements", "redis/engagement_live_board",
              "kafka/engagement_enriched_v1"}  # fmt: skip
-STREAM_KEYS = {spec.key.to_user_string() for spec in STREAM_SPECS}
+STREAM_KEYS = {key.to_user_string() for key in REPORTED_KEYS}
 
 
 def _max_event_id(dsn: str) -> int:
@@ -97,6 +98,7 @@ def _materializations(
         assert materialization is not None
         metadata = {key: value.value for key, value in materialization.metadata.items()}
         metadata["logged_at"] = record.timestamp
+        metadata["partition"] = materialization.partition
         found.setdefault(materialization.asset_key.to_user_string(), []).append(metadata)
     return found
 
@@ -155,6 +157,9 @@ def test_a_run_drains_the_backlog_into_every_sink_and_reports_it(
     assert stream["acknowledged_lsn_int"] >= stream["last_lsn_int"]
     assert isinstance(stream["lag_bytes"], int)
     assert stream["caught_up"] is True
+    # The warehouse table is daily-partitioned: the stream keeps today's partition fresh.
+    assert found["clickhouse/enriched_engagements"][0]["partition"] == today_partition_key()
+    assert stream["partition"] is None
     for key in SINK_KEYS:
         sink = found[key][0]
         assert sink["rows"] == stream["rows"]

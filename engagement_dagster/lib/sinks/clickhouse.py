@@ -83,7 +83,7 @@ DEAD_LETTER_COLUMNS = ("lsn", "event_id", "reason", "op", "raw_change", "source_
 READ_CHECKPOINT = "SELECT max(lsn) FROM engagement._checkpoints WHERE sink = {sink:String}"
 
 
-def _insertable(rows: pl.DataFrame) -> pl.DataFrame:
+def insertable(rows: pl.DataFrame) -> pl.DataFrame:
     """Tombstones of invalid rows may lack an event time or type; the table's key needs both.
 
     A tombstone with no event time lands in the 1970-01 partition, where no live version of
@@ -120,7 +120,7 @@ class ClickHouseSink(Sink):
         with self.session.use() as client:
             if batch.rows.height:
                 client.insert_arrow(
-                    "engagement.enriched_engagements", _insertable(batch.rows).to_arrow()
+                    "engagement.enriched_engagements", insertable(batch.rows).to_arrow()
                 )
             if batch.dead_letters.height:
                 letters = batch.dead_letters.rename({"source_lsn": "lsn"})
