@@ -9,6 +9,12 @@ from __future__ import annotations
 import dagster as dg
 
 from engagement_dagster.assets.history import clickhouse_enriched_engagements, restart_from_point
+from engagement_dagster.assets.rollups import (
+    rollup_assets,
+    rollup_checks,
+    rollup_jobs,
+    rollup_sensors,
+)
 from engagement_dagster.assets.sources import source_assets
 from engagement_dagster.assets.stream import engagement_stream
 from engagement_dagster.jobs import cdc_stream, health_check
@@ -21,9 +27,10 @@ from engagement_dagster.resources import (
 from engagement_dagster.sensors.change_cursor import change_cursor_sensor
 
 defs = dg.Definitions(
-    assets=[*source_assets, engagement_stream, clickhouse_enriched_engagements],
-    jobs=[cdc_stream, health_check, restart_from_point],
-    sensors=[change_cursor_sensor],
+    assets=[*source_assets, engagement_stream, clickhouse_enriched_engagements, *rollup_assets],
+    asset_checks=rollup_checks,
+    jobs=[cdc_stream, health_check, restart_from_point, *rollup_jobs],
+    sensors=[change_cursor_sensor, *rollup_sensors],
     resources={
         "postgres": PostgresResource(),
         "clickhouse": ClickHouseResource(),

@@ -40,6 +40,10 @@ def test_asset_graph_snapshot() -> None:
         "clickhouse/enriched_engagements": ["engagement/enriched_engagements"],
         "redis/engagement_live_board": ["engagement/enriched_engagements"],
         "kafka/engagement_enriched_v1": ["engagement/enriched_engagements"],
+        "clickhouse/engagement_rollup_10m": ["clickhouse/enriched_engagements"],
+        "redis/engagement_windows": ["clickhouse/engagement_rollup_10m"],
+        "clickhouse/daily_engagement_summary": ["clickhouse/engagement_rollup_10m"],
+        "clickhouse/weekly_engagement_summary": ["clickhouse/engagement_rollup_10m"],
     }
 
 
