@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 from datetime import datetime
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -353,6 +354,60 @@ def restart(start: str, kafka: bool) -> None:
         "the next stream run continues from there",
         highlight=False,
     )
+
+
+@main.command()
+@click.option("--backlog", default=500_000, show_default=True, help="Changes for catch-up.")
+@click.option("--rate", type=float, default=None, help="Offered changes/s [5000; --load 10000].")
+@click.option("--seconds", type=float, default=None, help="Steady window [60; --load 600].")
+@click.option("--workers", default=4, show_default=True, help="Generator connections.")
+@click.option("--no-dagster", is_flag=True, help="Skip the Dagster path (reported as null).")
+@click.option("--load", is_flag=True, help="The load test (make load) instead of the bench.")
+@click.option("--namespace", default="bench", show_default=True, help="Database engagement_<ns>.")
+@click.option("--redis-db", default=9, show_default=True, help="Redis database of the bench.")
+@click.option("--results-dir", type=click.Path(path_type=Path), default=None, help="JSON here.")
+@click.option("--keep-data", is_flag=True, help="Keep the bench database (the slot is dropped).")
+def bench(
+    backlog: int,
+    rate: float | None,
+    seconds: float | None,
+    workers: int,
+    no_dagster: bool,
+    load: bool,
+    namespace: str,
+    redis_db: int,
+    results_dir: Path | None,
+    keep_data: bool,
+) -> None:
+    """Throughput, latency and memory on the local services, in a namespace of its own.
+
+    Prints a table, saves the JSON under bench/results/ and prints it as the last line.
+    """
+    import json
+
+    from engagement_dagster.lib import bench as b
+
+    err = Console(stderr=True)
+
+    def say(message: str) -> None:
+        err.print(message, markup=False, highlight=False)
+
+    space = b.BenchNamespace(namespace, redis_db)
+    if load:
+        options = b.LoadOptions(rate=rate or 10_000, seconds=seconds or 600, workers=workers,
+                                keep_data=keep_data)  # fmt: skip
+        result = b.run_load(space, options, say)
+        table = b.load_table(result)
+    else:
+        bench_options = b.BenchOptions(backlog=backlog, rate=rate or 5_000, seconds=seconds or 60,
+                                       workers=workers, dagster=not no_dagster,
+                                       keep_data=keep_data)  # fmt: skip
+        result = b.run_bench(space, bench_options, say)
+        table = b.bench_table(result)
+    saved = b.save_result(result, results_dir or b.RESULTS_DIR)
+    console.print(table)
+    console.print(f"saved {saved}", highlight=False)
+    print(json.dumps(result))
 
 
 @main.command()
