@@ -31,6 +31,9 @@ defs = dg.Definitions(
     asset_checks=rollup_checks,
     jobs=[cdc_stream, health_check, restart_from_point, *rollup_jobs],
     sensors=[change_cursor_sensor, *rollup_sensors],
+    # Every job runs its steps in the run's own process: on a small machine a subprocess per
+    # step (the multiprocess default) costs seconds of imports and a core per step.
+    executor=dg.in_process_executor,
     resources={
         "postgres": PostgresResource(),
         "clickhouse": ClickHouseResource(),

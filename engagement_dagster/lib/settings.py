@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engagement_dagster.lib.windows import Window
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -116,7 +118,7 @@ class Settings(BaseSettings):
         return frozenset({"play", "pause", "finish", "click", *(t for t in extra if t)})
 
     @property
-    def window_ttls(self) -> dict[str, int]:
+    def window_ttls(self) -> dict[Window, int]:
         """TTL of the `engagement:{window}:{window_start}:*` keys, by window."""
         return {
             "10m": self.window_ttl_10m_seconds,

@@ -345,6 +345,10 @@ def _flatten(frame: pl.DataFrame) -> list[Any]:
     return flat
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def read_checkpoint(client: redis.Redis) -> int:
     """The Redis sink's checkpoint: the highest commit LSN it has applied (0: none)."""
     value = client.get(CHECKPOINT_KEY)
@@ -375,13 +379,16 @@ def rewrite_window(
         ms=(pl.col("engagement_seconds_sum") * 1000).round(0).cast(pl.Int64),
         pct_x100=(pl.col("engagement_pct_sum") * 100).round(0).cast(pl.Int64),
     )
-    before = {m.decode() for m in client.smembers(members)}
+    before = {_text(m) for m in client.smembers(members)}
     keep = set(rows["content_id"].to_list())
     pipe = client.pipeline(transaction=True)
     pipe.delete(top, members, *(f"{prefix}:stats:{cid}" for cid in before - keep))
     leaders = rows.sort("ms", "content_id", descending=[True, False]).head(top_n)
     if leaders.height:
-        pipe.zadd(top, dict(zip(leaders["content_id"], leaders["ms"] / 1000, strict=True)))
+        # Python's ms / 1000 (one IEEE division, as in the stream's Lua), not Polars' division,
+        # which multiplies by the reciprocal and can be one ulp off.
+        scores = {cid: ms / 1000 for cid, ms in leaders.select("content_id", "ms").iter_rows()}
+        pipe.zadd(top, scores)
         pipe.expire(top, ttl_s)
     for cid, events, ms, pct_x100, pct_count in rows.select(
         "content_id", "events", "ms", "pct_x100", "engagement_pct_count"
@@ -409,7 +416,7 @@ def rewrite_window(
 def read_window(client: redis.Redis, window: Window, start: datetime) -> pl.DataFrame:
     """Every item's stats of one window, as WINDOW_ROLLUP_SCHEMA (the rollup's columns)."""
     prefix = window_prefix(window, start)
-    members = sorted(m.decode() for m in client.smembers(window_members_key(window, start)))
+    members = sorted(_text(m) for m in client.smembers(window_members_key(window, start)))
     pipe = client.pipeline(transaction=True)
     for cid in members:
         pipe.hmget(f"{prefix}:stats:{cid}", STATS_EVENTS, STATS_MS, STATS_PCT_X100, STATS_PCT_COUNT)
