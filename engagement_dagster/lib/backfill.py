@@ -24,15 +24,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
+from typing import TYPE_CHECKING, TypeVar
 
 import polars as pl
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
+from clickhouse_connect.driver.client import Client
 
 from engagement_dagster.lib.clickhouse import ClickHouseSession
 from engagement_dagster.lib.enrich import (
@@ -55,7 +58,11 @@ from engagement_dagster.lib.sinks.base import SinkBatch
 from engagement_dagster.lib.sinks.clickhouse import ClickHouseSink, insertable
 from engagement_dagster.lib.sinks.kafka import KafkaSink
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 log = logging.getLogger("engagement.backfill")
+T = TypeVar("T")
 
 # `op` of every row a backfill writes (ClickHouse and Kafka): a read from a snapshot, as
 # Debezium's "r". is_deleted says whether the snapshot holds the event.
@@ -322,18 +329,20 @@ def backfill_in_snapshot(
     days = days_between(first_day, last_day)
     rules = rules or EnrichRules(event_types=settings.event_types)
     ClickHouseSink(settings.clickhouse_dsn).setup()
-    session = ClickHouseSession(settings.clickhouse_dsn, hold_s=settings.clickhouse_hold_seconds)
+    warehouse = _Warehouse(
+        ClickHouseSession(settings.clickhouse_dsn, hold_s=settings.clickhouse_hold_seconds)
+    )
     kafka = _replay_sink(settings, first_day, last_day) if to_kafka else None
     try:
         if kafka is not None:
             kafka.setup()
         content = snapshot.content()
         reports = tuple(
-            _DayBackfill(snapshot, day, content, rules, session, kafka, chunk_rows).run()
+            _DayBackfill(snapshot, day, content, rules, warehouse, kafka, chunk_rows).run()
             for day in days
         )
     finally:
-        session.release()
+        warehouse.close()
         if kafka is not None:
             kafka.close()
     return BackfillReport(
@@ -365,7 +374,7 @@ class _DayBackfill:
         day: date,
         content: pl.DataFrame,
         rules: EnrichRules,
-        session: ClickHouseSession,
+        warehouse: _Warehouse,
         kafka: KafkaSink | None,
         chunk_rows: int,
     ) -> None:
@@ -374,7 +383,7 @@ class _DayBackfill:
         self.start, self.end = day_bounds(day)
         self.content = content
         self.rules = rules
-        self.session = session
+        self.warehouse = warehouse
         self.kafka = kafka
         self.chunk_rows = chunk_rows
         self.low: int | None = None  # ids at or below it are done
@@ -392,6 +401,7 @@ class _DayBackfill:
         if self.ch_high is not None and (self.low is None or self.low < self.ch_high):
             self._chunk(None)  # ids above the last chunk that ClickHouse has for the day
         self._resolve_stale()
+        self.warehouse.wait()
         report = DayReport(
             self.day, rows_read, self.dead_letters, self.rows_written, self.tombstones,
             self.kafka_messages, time.monotonic() - started,
@@ -400,10 +410,10 @@ class _DayBackfill:
         return report
 
     def _clickhouse_day_bounds(self) -> tuple[int | None, int | None]:
-        with self.session.use() as client:
-            result = client.query(
-                CLICKHOUSE_DAY_BOUNDS, parameters={"start": self.start, "end": self.end}
-            ).result_rows
+        parameters = {"start": self.start, "end": self.end}
+        result = self.warehouse.read(
+            lambda client: client.query(CLICKHOUSE_DAY_BOUNDS, parameters=parameters).result_rows
+        )
         low, high, count = result[0]
         return (int(low), int(high)) if count else (None, None)
 
@@ -444,10 +454,11 @@ class _DayBackfill:
         return enriched.rows.with_columns(op=pl.lit(REPLAY_OP))
 
     def _clickhouse_range(self, low: int, high: int) -> pl.DataFrame:
-        with self.session.use() as client:
-            table = client.query_arrow(
+        table = self.warehouse.read(
+            lambda client: client.query_arrow(
                 CLICKHOUSE_RANGE, parameters={"low": low, "high": high}, use_strings=True
             )
+        )
         frame = pl.from_arrow(table)
         assert isinstance(frame, pl.DataFrame)
         return frame.select(
@@ -496,8 +507,7 @@ class _DayBackfill:
 
     def _write(self, rows: pl.DataFrame, *, replay: pl.DataFrame) -> None:
         if rows.height:
-            with self.session.use() as client:
-                client.insert_arrow("engagement.enriched_engagements", insertable(rows).to_arrow())
+            self.warehouse.insert(insertable(rows).to_arrow())
         if self.kafka is not None and replay.height:
             self.kafka.write(
                 SinkBatch(
@@ -509,6 +519,43 @@ class _DayBackfill:
                 0,
             )
             self.kafka_messages += replay.height
+
+
+class _Warehouse:
+    """ClickHouse for one backfill, used from a thread of its own (a chDB session is not
+    thread-safe): an insert runs while the next chunk is read and enriched, and a read waits
+    for the inserts queued before it, raising the first that failed."""
+
+    def __init__(self, session: ClickHouseSession) -> None:
+        self.session = session
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-clickhouse")
+        self.pending: list[Future[None]] = []
+
+    def read(self, query: Callable[[Client], T]) -> T:
+        self.wait()
+        return self.pool.submit(self._use, query).result()
+
+    def insert(self, table: pa.Table) -> None:
+        def insert(client: Client) -> None:
+            client.insert_arrow("engagement.enriched_engagements", table)
+
+        self.pending.append(self.pool.submit(self._use, insert))
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+
+    def _use(self, work: Callable[[Client], T]) -> T:
+        with self.session.use() as client:
+            return work(client)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.submit(self.session.release).result()
+            self.pool.shutdown()
 
 
 @dataclass(frozen=True)
@@ -527,6 +574,9 @@ def plan_chunk(
     and are left alone; so is a version equal to the snapshot row in every column, which makes
     a re-run write nothing.
     """
+    if held.height == 0:  # a day ClickHouse does not hold yet: everything is written
+        empty = held.clear()
+        return ChunkPlan(to_write=rows, moved_out=empty, stale=empty)
     rows = rows.with_columns(_month())
     held = held.with_columns(_month())
     older = held.filter(pl.col("source_lsn") < version)

@@ -266,7 +266,11 @@ def churn(dsn: str, days: list[date], stop: threading.Event, seed: int) -> int:
                     "WHERE id = %s",
                     (rng.choice([-1, 1]) * timedelta(days=1), event_id),
                 )
-            else:  # forward only: the stream loses events moved to an earlier month (README)
+            else:
+                # Forward only. The stream writes a month move's old-month tombstone at the same
+                # LSN as the new row, and FINAL, which collapses an event across partitions,
+                # breaks that tie by partition order: a move to an earlier month loses the event
+                # (a stream bug, reported; not the backfill's, which avoids the tie).
                 cur.execute(
                     "UPDATE engagement_events SET event_ts = event_ts + interval '33 days' "
                     "WHERE id = %s AND event_ts < now() - interval '34 days'",
