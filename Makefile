@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-unit lint format services services-down status
+.PHONY: install run test test-unit lint format services services-down status bench load
 
 install:  ## system packages (apt) and the project in .venv
 	@scripts/bootstrap.sh
@@ -33,3 +33,9 @@ services-down:
 
 status:
 	@$(BIN)/engagement services status
+
+bench: install  ## the benchmark (table, then JSON, saved in bench/results/); BENCH_ARGS to shorten
+	$(BIN)/engagement bench $(BENCH_ARGS)
+
+load: install  ## 10,000 changes/s for 10 minutes: slot lag and stream memory over time
+	$(BIN)/engagement bench --load $(LOAD_ARGS)

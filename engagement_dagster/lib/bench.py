@@ -1015,6 +1015,8 @@ def run_load(namespace: BenchNamespace, options: LoadOptions, say: Say) -> dict[
         child = StreamChild(logs / "load.log", until_caught_up=False)
         try:
             wait_for_slot_holder(settings, child)
+            warm_up = commit_probe(settings.pg_dsn, str(uuid.uuid4()))
+            _wait_for_redis(settings, warm_up.lsn, child)  # sinks set up: RSS is the stream's
             say(f"offering {options.rate:g} changes/s for {options.seconds:g}s")
             stop = threading.Event()
             reports: list[TrafficReport] = []
