@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -125,35 +126,55 @@ def history(clean_sinks: Settings, source_dsn: str) -> Iterator[Settings]:
     yield settings
 
 
+RESOURCES = {
+    "postgres": PostgresResource(),
+    "clickhouse": ClickHouseResource(),
+    "redis": RedisResource(),
+    "kafka": KafkaResource(),
+}
+
+
+def materialize_days(**kwargs: Any) -> list[dg.AssetMaterialization]:
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [clickhouse_enriched_engagements], resources=RESOURCES, instance=instance, **kwargs
+        )
+        assert result.success
+        return result.asset_materializations_for_node("clickhouse__enriched_engagements")
+
+
 def test_a_deleted_day_comes_back_through_its_dagster_partition(history: Settings) -> None:
     day = utc_day(1)
     delete_day_from_clickhouse(history, day)
     with pytest.raises(AssertionError, match="missing"):
         assert_clickhouse_matches_postgres(history)
 
-    resources = {
-        "postgres": PostgresResource(),
-        "clickhouse": ClickHouseResource(),
-        "redis": RedisResource(),
-        "kafka": KafkaResource(),
-    }
-    with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [clickhouse_enriched_engagements],
-            partition_key=day.isoformat(),
-            resources=resources,
-            instance=instance,
-        )
-        assert result.success
-        [materialization] = result.asset_materializations_for_node(
-            "clickhouse__enriched_engagements"
-        )
+    [materialization] = materialize_days(partition_key=day.isoformat())
     assert materialization.partition == day.isoformat()
     metadata = {k: v.value for k, v in materialization.metadata.items()}
     assert metadata["rows_read"] == EVENTS_PER_DAY
     assert metadata["dead_letters"] == INVALID_PER_DAY
     assert metadata["rows_written"] == EVENTS_PER_DAY - metadata["dead_letters"]
     assert metadata["tombstones"] == 0
+    assert_clickhouse_matches_postgres(history)
+
+
+def test_a_range_of_days_is_one_run_from_one_snapshot(history: Settings) -> None:
+    """What a UI backfill of several partitions launches (BackfillPolicy.single_run)."""
+    first, last = utc_day(2), utc_day(1)
+    for day in (first, last):
+        delete_day_from_clickhouse(history, day)
+    materializations = materialize_days(
+        tags={
+            "dagster/asset_partition_range_start": first.isoformat(),
+            "dagster/asset_partition_range_end": last.isoformat(),
+        }
+    )
+    assert sorted(m.partition or "" for m in materializations) == [
+        first.isoformat(), last.isoformat(),
+    ]  # fmt: skip
+    metadata = {k: v.value for k, v in materializations[0].metadata.items()}
+    assert (metadata["days"], metadata["rows_read"]) == (2, 2 * EVENTS_PER_DAY)
     assert_clickhouse_matches_postgres(history)
 
 
