@@ -71,7 +71,8 @@ def test_bench_reports_every_figure_and_cleans_up(
                   "--no-dagster", results=tmp_path)  # fmt: skip
 
     for key in ("catchup_eps", "raw_decode_eps", "efficiency", "rss_mb", "cpu_pct",
-                "steady_eps", "offered_eps", "catchup_s", "raw_decode_s"):  # fmt: skip
+                "steady_eps", "offered_eps", "catchup_s", "raw_decode_s",
+                "catchup_eps_after_first_batch"):  # fmt: skip
         assert _number(result[key]), (key, result[key])
     assert result["backlog_changes"] >= 3000
     assert result["catchup_changes"] == result["backlog_changes"]  # the same backlog, read twice
