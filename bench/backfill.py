@@ -57,7 +57,8 @@ def bench_settings(base: Settings) -> Settings:
     return base.model_copy(
         update={
             "pg_dsn": dsn,
-            "clickhouse_url": f"chdb://{base.local_dir / 'bench' / 'backfill_clickhouse'}",
+            # Not under .local/bench: `engagement bench` resets that directory.
+            "clickhouse_url": f"chdb://{base.local_dir / 'bench_backfill' / 'clickhouse'}",
         }
     )
 
@@ -87,7 +88,7 @@ def seed(settings: Settings, rows: int) -> int:
 
 def drop_clickhouse(settings: Settings) -> None:
     path = chdb_path(settings.clickhouse_dsn)
-    assert path is not None and "bench" in path.parts, f"refusing to remove {path}"
+    assert path is not None and path.parent.name == "bench_backfill", f"refusing to remove {path}"
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -328,7 +328,11 @@ def backfill_in_snapshot(
     started = time.monotonic()
     days = days_between(first_day, last_day)
     rules = rules or EnrichRules(event_types=settings.event_types)
-    ClickHouseSink(settings.clickhouse_dsn).setup()
+    tables = ClickHouseSink(settings.clickhouse_dsn)
+    try:
+        tables.setup()
+    finally:
+        tables.close()  # releases embedded ClickHouse's file lock for the session below
     warehouse = _Warehouse(
         ClickHouseSession(settings.clickhouse_dsn, hold_s=settings.clickhouse_hold_seconds)
     )
@@ -469,7 +473,7 @@ class _DayBackfill:
         """ClickHouse rows of the day the snapshot's day lacks: the event moved to another day
         (write where it is now, and a tombstone if that is another month), or it is gone or
         invalid in the source (a tombstone)."""
-        stale = pl.concat(self.stale)
+        stale = pl.concat(self.stale) if self.stale else _empty_rows()
         if stale.height == 0:
             return
         ids = stale["event_id"].to_list()

@@ -198,6 +198,8 @@ def test_the_lib_restores_a_day_and_a_second_run_changes_nothing(history: Settin
     assert again.rows_read == 3 * EVENTS_PER_DAY
     assert clickhouse_versions(history) == versions
     assert_clickhouse_matches_postgres(history)
+    empty = backfill_days(history, utc_day(10), utc_day(10))  # a day nobody wrote to
+    assert (empty.rows_read, empty.rows_written, empty.tombstones) == (0, 0, 0)
 
 
 def test_stale_rows_go_even_when_the_stream_is_behind(history: Settings, source_dsn: str) -> None:
