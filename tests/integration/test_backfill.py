@@ -19,7 +19,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from engagement_dagster.assets.history import clickhouse_enriched_engagements
+from engagement_dagster.assets.history import clickhouse_enriched_engagements, restart_from_point
 from engagement_dagster.lib.backfill import REPLAY_OP, backfill_days, day_bounds
 from engagement_dagster.lib.clickhouse import clickhouse_client
 from engagement_dagster.lib.generator import seed_content
@@ -361,6 +361,30 @@ def test_restart_from_a_point_continues_every_sink_exactly(
     insert_day(source_dsn, utc_day(0), n=30)
     drained = drain(history)
     assert drained.first_lsn is not None and drained.first_lsn > report.checkpoint
+    assert_clickhouse_matches_postgres(history)
+    assert_redis_matches_postgres(history)
+    assert_kafka_matches_postgres(history)
+
+
+def test_the_restart_job_runs_from_the_dagster_ui(history: Settings, source_dsn: str) -> None:
+    """The same restart as a Dagster job: it reports the rebuilt partitions, and the stream
+    continues exactly from its slot."""
+    drain(history)
+    today = utc_day(0)
+    config = {"from_timestamp": f"{today.isoformat()}T00:00:00+00:00", "to_kafka": False}
+    with dg.instance_for_test() as instance:
+        result = restart_from_point.execute_in_process(
+            run_config={"ops": {"restart_stream_from_point": {"config": config}}},
+            resources=RESOURCES,
+            instance=instance,
+        )
+        assert result.success
+        partitions = [
+            m.partition for m in result.asset_materializations_for_node("restart_stream_from_point")
+        ]
+    assert partitions == [today.isoformat()]
+    insert_day(source_dsn, today, n=10)
+    drain(history)
     assert_clickhouse_matches_postgres(history)
     assert_redis_matches_postgres(history)
     assert_kafka_matches_postgres(history)
