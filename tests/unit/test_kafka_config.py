@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from pydantic import SecretStr
 
 from engagement_dagster.lib.kafka_config import kafka_client_config, librdkafka_config
@@ -62,10 +62,10 @@ def test_librdkafka_accepts_the_sasl_and_producer_properties() -> None:
         kafka_sasl_username="stream",
         kafka_sasl_password=SecretStr("s3cret"),
     )
-    producer = Producer(
-        {**librdkafka_config(settings), **PRODUCER_DEFAULTS, "transactional.id": "unit"}
-    )
-    assert len(producer) == 0  # created, nothing queued
+    config = {**librdkafka_config(settings), **PRODUCER_DEFAULTS, "transactional.id": "unit"}
+    assert isinstance(Producer(config), Producer)
+    with pytest.raises(KafkaException, match="No such configuration property"):
+        Producer({**config, "sasl.user": "stream"})
 
 
 def test_the_stream_uses_the_configured_library(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "acks": "all",
     "linger.ms": 5,  # a batch is sent whole right after it is produced: wait little
+    # 7x fewer bytes than none at no measurable cost; zstd (15x, as fast) would need every
+    # consumer to read zstd, which kafka-python does only with an extra package.
     "compression.type": "lz4",
     "socket.nagle.disable": True,  # as kafka-python (TCP_NODELAY): small commits go out at once
     # Java's (and kafka-python's) partitioner, so a key lands on the same partition whichever
