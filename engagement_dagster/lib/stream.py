@@ -49,6 +49,7 @@ CONTENT_SNAPSHOT = "SELECT id::text, content_type, length_seconds FROM content"
 # Fault injection for crash tests (off unless set): kill -9 ourselves at a named point.
 FAULT_ENV = "ENGAGEMENT_FAULT"  # before_ack, or after_sink:<name>
 SUCCESSOR_POLL_S = 0.1  # a run in its handover grace looks for a waiting successor this often
+HANDOVER_DRAIN_S = 1.0  # at a handover, the sinks get this long to finish before the slot is freed
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class StreamOptions:
     retry_max_s: float = 30.0
     max_pending_rows: int = 500_000  # per failing sink; beyond it the sink replays from the slot
     max_queued_batches: int = 4  # a healthy but slower sink holds the reader back (backpressure)
+    merge_max_rows: int = 50_000  # a sink applies up to this many queued rows as one write
     stall_s: float = 2.0  # a write taking longer than this marks the sink as failing
 
 
@@ -141,12 +143,13 @@ class SinkWorker:
 
     @property
     def stalled(self) -> bool:
-        """Failing, catching up after a failure, or stuck in one write for longer than a
-        healthy sink ever takes: the reader does not wait for it, so the other sinks never wait
-        for a sink that hangs or works through a backlog."""
+        """Starting, failing, catching up after a failure, or stuck in one write for longer than
+        a healthy sink ever takes: the reader does not wait for it, so the other sinks never
+        wait for a sink that starts slowly, hangs or works through a backlog."""
         started = self._apply_started_at
         return (
-            self.failures > 0
+            self.applied_lsn is None  # still starting (a lock, a coordinator): never waited on
+            or self.failures > 0
             or self._catching_up
             or (started is not None and time.monotonic() - started > self.options.stall_s)
         )
@@ -168,14 +171,14 @@ class SinkWorker:
                     self._lock.wait(timeout=max(0.0, self._next_tick - time.monotonic()))
                 if self._closing and not self._queue:
                     return
-                batch = self._queue[0] if self._queue else None
+                taken = self._take()
                 upkeep = not self._closing and self.failures == 0
                 upkeep = upkeep and time.monotonic() >= self._next_tick
             if upkeep:
                 self._tick()
-            if batch is None and not self.needs_replay:
+            if not taken and not self.needs_replay:
                 continue  # woke up for upkeep only
-            if batch is None:  # dropped queue: wait until the sink answers, then ask for replay
+            if not taken:  # dropped queue: wait until the sink answers, then ask for replay
                 self._until_applied(self.sink.read_checkpoint)  # really asks the sink
                 self.ready_for_replay.set()
                 with self._lock:
@@ -184,21 +187,39 @@ class SinkWorker:
                     if self._closing:
                         return
                 continue
+            batch = SinkBatch.merge(taken)
             if not self._until_applied(functools.partial(self.sink.apply, batch)):
                 return
             self.applied_lsn = max(self.applied_lsn or 0, batch.last_lsn)
             if self.fault == f"after_sink:{self.sink.name}":
                 _kill_self(self.fault)
-            if batch.last_commit_at is not None:
-                lag = (datetime.now(UTC) - batch.last_commit_at).total_seconds() * 1000
-                self.latencies_ms.append(lag)
+            applied_at = datetime.now(UTC)
+            for part in taken:
+                if part.last_commit_at is not None:
+                    lag = (applied_at - part.last_commit_at).total_seconds() * 1000
+                    self.latencies_ms.append(lag)
             with self._lock:
-                if self._queue and self._queue[0] is batch:
-                    self._queue.popleft()
-                    self._queued_rows -= batch.rows.height + batch.deltas.height
+                if self._queue and self._queue[0] is taken[0]:  # not dropped meanwhile
+                    for _ in taken:
+                        part = self._queue.popleft()
+                        self._queued_rows -= part.rows.height + part.deltas.height
                 if len(self._queue) < self.options.max_queued_batches:
                     self._catching_up = False
                 self._lock.notify_all()
+
+    def _take(self) -> list[SinkBatch]:
+        """The queued batches to apply next as one write (under the lock): everything queued, up
+        to `merge_max_rows`. A sink that fell behind (a slow start, a long write) so catches up
+        in a few large writes instead of many small ones, and the reader is soon free again."""
+        taken: list[SinkBatch] = []
+        rows = 0
+        for batch in self._queue:
+            size = batch.rows.height + batch.deltas.height + batch.dead_letters.height
+            if taken and rows + size > self.options.merge_max_rows:
+                break
+            taken.append(batch)
+            rows += size
+        return taken
 
     def _tick(self) -> None:
         self._next_tick = time.monotonic() + 1.0
@@ -243,7 +264,7 @@ class SinkWorker:
 
     def wait_idle_or_failing(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while not self.idle and not self.stalled and time.monotonic() < deadline:
+        while not self.idle and self.failures == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -299,6 +320,7 @@ class Stream:
         self.on_report = on_report
         self.stop = threading.Event()
         self._successor_polled_at = 0.0
+        self._successor_ready = False  # set once a successor waits: hand over, slot first
         self._content = fold_content_versions(content_versions([]))
         fault = os.environ.get(FAULT_ENV) or None
         if fault is not None and not _valid_fault(fault, [s.name for s in sinks]):
@@ -348,12 +370,32 @@ class Stream:
                     self._publish()
                     last_report = time.monotonic()
         finally:
+            if self._successor_ready:
+                self._release_slot_early()
             for worker in self.workers:
                 worker.close()
-            self._acknowledge(idle=False)
-            self.cursor.close()
+            if not self._successor_ready:
+                self._acknowledge(idle=False)
+                self.cursor.close()
         self._publish()
         return self.report
+
+    def _release_slot_early(self) -> None:
+        """Handing over: give the sinks a moment to finish, acknowledge what every sink has
+        applied and free the slot, before a slow sink (ClickHouse draining its queue) is done.
+
+        The successor then re-reads from the lowest checkpoint while our slow sink finishes, and
+        the per-sink protocol keeps both exact: ClickHouse re-inserts identical versions and its
+        checkpoint is the max; a Redis script applies only above the checkpoint it finds (a
+        moved one makes the writer re-read it); the successor's Kafka producer fences ours.
+        """
+        deadline = time.monotonic() + HANDOVER_DRAIN_S
+        for worker in self.workers:
+            worker.wait_idle_or_failing(max(0.0, deadline - time.monotonic()))
+        try:
+            self._acknowledge(idle=False)
+        finally:
+            self.cursor.close()
 
     def _hand_over(self, overtime_s: float) -> bool:
         """Whether a run past its run_seconds ends now: at once without a grace, else when a
@@ -366,10 +408,10 @@ class Stream:
         self._successor_polled_at = now
         try:
             with connect(self.dsn) as conn:
-                return successor_waiting(conn, self.cursor.slot)
+                self._successor_ready = successor_waiting(conn, self.cursor.slot)
         except psycopg2.Error as exc:
             log.warning("could not look for a successor (%s); streaming on", exc)
-            return False
+        return self._successor_ready
 
     def _drained(self, target: int) -> bool:
         """Caught up with the WAL as it was when the run started, every sink applied."""

@@ -7,6 +7,7 @@ change at or below its checkpoint (DESIGN §6); the slot moves only to the lowes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,6 +24,20 @@ class SinkBatch:
     dead_letters: pl.DataFrame
     first_commit_at: datetime | None = None
     last_commit_at: datetime | None = None
+
+    @staticmethod
+    def merge(batches: Sequence[SinkBatch]) -> SinkBatch:
+        """Consecutive batches as one: their changes in order, the last one's LSN."""
+        if len(batches) == 1:
+            return batches[0]
+        return SinkBatch(
+            last_lsn=batches[-1].last_lsn,
+            rows=pl.concat([b.rows for b in batches]),
+            deltas=pl.concat([b.deltas for b in batches]),
+            dead_letters=pl.concat([b.dead_letters for b in batches]),
+            first_commit_at=batches[0].first_commit_at,
+            last_commit_at=batches[-1].last_commit_at,
+        )
 
     def after(self, checkpoint: int) -> SinkBatch:
         """The part of the batch a sink at `checkpoint` has not applied yet."""
