@@ -496,9 +496,26 @@ def _rows(images: pl.DataFrame) -> pl.DataFrame:
     new_tombstone = (
         (sign == _NEW) & (op == "update") & ~valid & has_id & pl.col("partner_event_id").is_null()
     )
+    # FINAL also merges one key's versions across partitions, and on a tie the later partition
+    # wins: a tombstone left in a later month at the move's own LSN would hide the live row of
+    # an event moved back in time. One less than the commit LSN still supersedes every older
+    # version in the old month, never ties with a commit (a commit record is longer than a
+    # byte) and stays above the previous transaction, so no checkpoint filters it out.
+    moved_away = (
+        (sign == _OLD)
+        & (op == "update")
+        & pl.col("partner_valid").fill_null(False)
+        & pl.col("partner_event_id").eq_missing(pl.col("event_id"))
+        & pl.col("partner_month").ne_missing(_partition_month())
+    )
     return (
         images.filter(live | old_tombstone | new_tombstone)
-        .with_columns(is_deleted=(~live).cast(pl.UInt8))
+        .with_columns(
+            is_deleted=(~live).cast(pl.UInt8),
+            source_lsn=pl.when(moved_away)
+            .then(pl.col("source_lsn") - 1)
+            .otherwise(pl.col("source_lsn")),
+        )
         .filter(pl.struct("event_id", "source_lsn", _partition_month()).is_last_distinct())
         .select(pl.col(name).cast(dtype) for name, dtype in ENRICHED_ROWS_SCHEMA.items())
     )

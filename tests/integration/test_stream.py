@@ -1,6 +1,6 @@
 """The change stream end to end on real services: every sink equals PostgreSQL, exactly once.
 
-Covers inserts, updates (moving an event to other content and to another month), deletes,
+Covers inserts, updates (moving an event to other content, and a month later or earlier), deletes,
 NULL durations, NULL and zero lengths, unknown content (no FK), unicode, 200 kB payloads, every
 invalid kind of DESIGN §5, and re-running the stream over what it already applied.
 """
@@ -107,6 +107,7 @@ def test_every_sink_equals_postgres_after_inserts_updates_and_deletes(
     big = insert_event(dsn, PODCAST, raw_payload=BIG_PAYLOAD)
     moved = insert_event(dsn, PODCAST, duration_ms=90_000)
     month = insert_event(dsn, PODCAST, event_ts="2026-10-31T23:59:59Z")
+    back = insert_event(dsn, PODCAST, event_ts="2026-11-01T00:00:01Z")  # moves a month back
     doomed = insert_event(dsn, NO_LENGTH)
     broken = insert_event(dsn, PODCAST)
     drain(stream_db)
@@ -117,6 +118,11 @@ def test_every_sink_equals_postgres_after_inserts_updates_and_deletes(
         dsn,
         "UPDATE engagement_events SET event_ts = event_ts + interval '2 seconds' WHERE id = %s",
         month,
+    )
+    sql(
+        dsn,
+        "UPDATE engagement_events SET event_ts = event_ts - interval '2 seconds' WHERE id = %s",
+        back,
     )
     sql(dsn, "UPDATE engagement_events SET duration_ms = NULL WHERE id = %s", plain)
     sql(dsn, "DELETE FROM engagement_events WHERE id = %s", doomed)
