@@ -185,6 +185,16 @@ def test_an_aborted_transaction_leaves_nothing_and_the_retry_delivers_once(
     assert enriched_lsns(kafka) == list(range(1, 21))
 
 
+def test_a_batch_larger_than_the_producer_queue_is_delivered_whole(kafka: Settings) -> None:
+    """librdkafka's queue holds fewer messages than the batch: the sink waits for room."""
+    small = confluent_sink(kafka, producer_config={"queue.buffering.max.messages": 100})
+    try:
+        assert small.apply(batch(range(1, 2001)))
+    finally:
+        small.close()
+    assert enriched_lsns(kafka) == list(range(1, 2001))
+
+
 def test_checkpoint_is_read_back_per_transactional_id(
     kafka: Settings, sink: ConfluentKafkaSink
 ) -> None:

@@ -199,8 +199,8 @@ class ConfluentKafkaSink(Sink):
     def _produce(self, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> None:
         """Queue messages in librdkafka; when its queue is full, let it send and try again."""
         producer = self.producer
-        deadline: float | None = None
         for key, value in messages:
+            deadline = None  # per message: a large batch may wait many times, each one briefly
             while True:
                 try:
                     producer.produce(topic, value, key)
