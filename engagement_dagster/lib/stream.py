@@ -97,11 +97,14 @@ class SinkWorker:
         self._next_tick = 0.0
         self._apply_started_at: float | None = None
         self._catching_up = False  # since a failure, until its queue is short again
+        self._started_at = time.monotonic()
+        self._started_at_lsn: int | None = None  # its checkpoint when it started
         self._thread = threading.Thread(target=self._work, name=f"sink-{sink.name}", daemon=True)
 
     def start(self) -> None:
         """Start the thread; it sets the sink up and reads its checkpoint, retrying while the
         sink is down, so a sink that is down at start does not hold up the others."""
+        self._started_at = time.monotonic()
         self._thread.start()
 
     def _prepare(self) -> bool:
@@ -109,7 +112,7 @@ class SinkWorker:
             self.sink.checkpoint
         )
         if prepared:
-            self.applied_lsn = self.sink.checkpoint()
+            self.applied_lsn = self._started_at_lsn = self.sink.checkpoint()
         return prepared
 
     @property
@@ -190,6 +193,11 @@ class SinkWorker:
             batch = SinkBatch.merge(taken)
             if not self._until_applied(functools.partial(self.sink.apply, batch)):
                 return
+            if self.applied_lsn == self._started_at_lsn:
+                log.info(
+                    "sink %s: first batch applied %.0f ms after the start",
+                    self.sink.name, (time.monotonic() - self._started_at) * 1000,
+                )  # fmt: skip
             self.applied_lsn = max(self.applied_lsn or 0, batch.last_lsn)
             if self.fault == f"after_sink:{self.sink.name}":
                 _kill_self(self.fault)
@@ -339,7 +347,9 @@ class Stream:
 
     def run(self) -> StreamReport:
         self._content = self._content_snapshot()
+        opening = time.monotonic()
         self.cursor.open()
+        log.info("slot %s open in %.0f ms", self.cursor.slot, (time.monotonic() - opening) * 1000)
         for worker in self.workers:
             worker.start()
         target = self._current_wal_lsn()
@@ -389,13 +399,19 @@ class Stream:
         checkpoint is the max; a Redis script applies only above the checkpoint it finds (a
         moved one makes the writer re-read it); the successor's Kafka producer fences ours.
         """
-        deadline = time.monotonic() + HANDOVER_DRAIN_S
+        started = time.monotonic()
+        deadline = started + HANDOVER_DRAIN_S
         for worker in self.workers:
             worker.wait_idle_or_failing(max(0.0, deadline - time.monotonic()))
         try:
             self._acknowledge(idle=False)
         finally:
             self.cursor.close()
+        busy = [w.sink.name for w in self.workers if not w.idle]
+        log.info(
+            "handover: slot released %.0f ms after the last batch; still finishing: %s",
+            (time.monotonic() - started) * 1000, ", ".join(busy) or "nothing",
+        )  # fmt: skip
 
     def _hand_over(self, overtime_s: float) -> bool:
         """Whether a run past its run_seconds ends now: at once without a grace, else when a
