@@ -80,13 +80,16 @@ def changes_in_slot(settings: Settings) -> int:
 
 
 def test_kill_9_at_random_moments_while_draining_a_backlog(crash_db: Settings) -> None:
-    report = run_traffic(
-        crash_db.pg_dsn,
-        TrafficOptions(rate=20_000, duration_s=BACKLOG / 8_000, workers=2, seed=5,
-                       content_update_ratio=0.0, **MIX),
-    )  # fmt: skip
-    backlog = report.inserted + report.updated + report.deleted + report.invalid
-    assert backlog >= BACKLOG * 0.9, report
+    # Generate until the backlog is there: a busy machine writes slower, never less.
+    backlog, deadline = 0, time.monotonic() + 180
+    while backlog < BACKLOG and time.monotonic() < deadline:
+        report = run_traffic(
+            crash_db.pg_dsn,
+            TrafficOptions(rate=20_000, duration_s=(BACKLOG - backlog) / 8_000, workers=2,
+                           seed=5 + backlog, content_update_ratio=0.0, **MIX),
+        )  # fmt: skip
+        backlog += report.inserted + report.updated + report.deleted + report.invalid
+    assert backlog >= BACKLOG * 0.9, f"only {backlog} changes generated in 180 s"
 
     # More traffic keeps arriving while the stream is being killed, as in production.
     stop = threading.Event()
