@@ -66,7 +66,10 @@ class StreamOptions:
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0
     max_pending_rows: int = 500_000  # per failing sink; beyond it the sink replays from the slot
-    max_queued_batches: int = 4  # a healthy but slower sink holds the reader back (backpressure)
+    # A healthy but slower sink holds the reader back (backpressure) once this many rows wait
+    # for it: memory is what is bounded. In rows, not batches: at a steady rate a sink that
+    # hangs is marked stalled (stall_s) long before it could hold the reader, and so the others.
+    max_queued_rows: int = 100_000
     merge_max_rows: int = 50_000  # a sink applies up to this many queued rows as one write
     stall_s: float = 2.0  # a write taking longer than this marks the sink as failing
 
@@ -121,11 +124,11 @@ class SinkWorker:
             return not self._queue and not self.needs_replay and self.applied_lsn is not None
 
     def submit(self, batch: SinkBatch, *, stop: threading.Event) -> None:
-        """Queue a batch. Blocks while a healthy sink is `max_queued_batches` behind, so a slow
+        """Queue a batch. Blocks while a healthy sink is `max_queued_rows` behind, so a slow
         sink slows the reader instead of filling memory; a failing sink never blocks it."""
         with self._lock:
             while (
-                len(self._queue) >= self.options.max_queued_batches
+                self._queued_rows >= self.options.max_queued_rows
                 and not self.stalled
                 and not stop.is_set()
             ):
@@ -211,7 +214,7 @@ class SinkWorker:
                     for _ in taken:
                         part = self._queue.popleft()
                         self._queued_rows -= part.rows.height + part.deltas.height
-                if len(self._queue) < self.options.max_queued_batches:
+                if self._queued_rows < self.options.max_queued_rows:
                     self._catching_up = False
                 self._lock.notify_all()
 
