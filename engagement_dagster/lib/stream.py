@@ -274,8 +274,16 @@ class SinkWorker:
             return True
 
     def wait_idle_or_failing(self, timeout_s: float = 30.0) -> None:
+        """Wait (bounded) until the queue is applied; never for a sink that is failing, still
+        starting, or waiting to be fed again from the slot (that would stall the replay)."""
         deadline = time.monotonic() + timeout_s
-        while not self.idle and self.failures == 0 and time.monotonic() < deadline:
+        while (
+            self._queue
+            and self.failures == 0
+            and not self.needs_replay
+            and self.applied_lsn is not None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
 
     def close(self, timeout_s: float = 30.0) -> None:
