@@ -411,6 +411,24 @@ def bench(
 
 
 @main.command()
+def metrics() -> None:
+    """Serve the Prometheus metrics of every stream process on 127.0.0.1:9108 until Ctrl-C."""
+    import signal
+
+    from engagement_dagster.lib.metrics import serve
+
+    settings = get_settings()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    console.print(
+        f"metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics "
+        f"(from {settings.metrics_dir}); Ctrl-C stops"
+    )
+    serve(settings, stop)
+
+
+@main.command()
 @click.option("--ui-port", default=3000, show_default=True, help="Dagster UI port on 127.0.0.1.")
 @click.option("--rate", default=50.0, show_default=True, help="Demo traffic, changes per second.")
 @click.option("--content", default=500, show_default=True, help="Demo content items.")

@@ -106,6 +106,14 @@ class Settings(BaseSettings):
     window_ttl_1h_seconds: int = Field(default=8 * 86_400, gt=0)
     window_ttl_1d_seconds: int = Field(default=35 * 86_400, gt=0)
     window_ttl_1w_seconds: int = Field(default=400 * 86_400, gt=0)
+    metrics_dir_override: Path | None = Field(
+        default=None,
+        alias="ENGAGEMENT_METRICS_DIR",
+        description="Where every process writes its metrics for the exporter "
+        "(default: .local/metrics). Read once, when the metrics module is imported.",
+    )
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9108, gt=0, lt=65536)
     extra_event_types: str = Field(
         default="",
         description="Comma-separated event types accepted besides play, pause, finish and "
@@ -130,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def clickhouse_dsn(self) -> str:
         return self.clickhouse_url or f"chdb://{self.local_dir / 'clickhouse'}"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.metrics_dir_override or self.local_dir / "metrics"
 
     @property
     def dagster_home(self) -> Path:
