@@ -9,8 +9,10 @@ from typing import Any
 import psycopg2.extensions
 from psycopg2 import sql
 
+from engagement_dagster.lib.pipeline import build_stream
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect, init_source
+from engagement_dagster.lib.stream import StreamOptions, StreamReport
 
 DROP_SLOTS_OF_DATABASE = """
 SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
@@ -64,6 +66,17 @@ def start_pipeline_epoch(settings: Settings) -> None:
     from engagement_dagster.lib.pgoutput import parse_lsn
 
     _EPOCH["lsn"] = parse_lsn(lsn[0]) if lsn else 0
+
+
+def drain(settings: Settings) -> StreamReport:
+    """Run the stream in this process until it has caught up with the slot; no sink may fail."""
+    stream = build_stream(
+        settings, StreamOptions(linger_seconds=0, run_seconds=180, report_every_s=60)
+    )
+    report = stream.run()
+    assert report.caught_up, report
+    assert not any(report.sink_errors.values()), report.sink_errors
+    return report
 
 
 # --- what the sinks should hold, computed from PostgreSQL, and what they do hold -----------

@@ -27,7 +27,7 @@ from engagement_dagster.lib.pipeline import build_stream, default_sinks
 from engagement_dagster.lib.restart import RestartRefused, restart_from
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect
-from engagement_dagster.lib.stream import Stream, StreamOptions, StreamReport
+from engagement_dagster.lib.stream import Stream, StreamOptions
 from engagement_dagster.resources import (
     ClickHouseResource,
     KafkaResource,
@@ -38,6 +38,7 @@ from tests.support import (
     assert_clickhouse_matches_postgres,
     assert_kafka_matches_postgres,
     assert_redis_matches_postgres,
+    drain,
 )
 
 EVENTS_PER_DAY = 400
@@ -72,16 +73,6 @@ def insert_day(dsn: str, day: date, n: int = EVENTS_PER_DAY) -> None:
     now = datetime.now(UTC) - timedelta(seconds=5)
     span = min(end, now) - start
     execute(dsn, INSERT_DAY, {"start": start, "span": span, "n": n})
-
-
-def drain(settings: Settings) -> StreamReport:
-    stream = build_stream(
-        settings, StreamOptions(linger_seconds=0, run_seconds=180, report_every_s=60)
-    )
-    report = stream.run()
-    assert report.caught_up, report
-    assert not any(report.sink_errors.values()), report.sink_errors
-    return report
 
 
 def clickhouse_versions(settings: Settings) -> int:

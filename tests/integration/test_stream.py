@@ -21,27 +21,18 @@ from engagement_dagster.lib.pipeline import build_stream
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.kafka import DLQ_TOPIC
 from engagement_dagster.lib.source_db import connect, successor_application_name
-from engagement_dagster.lib.stream import StreamOptions, StreamReport
+from engagement_dagster.lib.stream import StreamOptions
 from tests.support import (
     assert_clickhouse_matches_postgres,
     assert_kafka_matches_postgres,
     assert_redis_matches_postgres,
+    drain,
 )
 
 PODCAST, NO_LENGTH, ZERO_LENGTH = (str(uuid.uuid4()) for _ in range(3))
 UNKNOWN = str(uuid.uuid4())
 USER = str(uuid.uuid4())
 BIG_PAYLOAD = json.dumps({"notes": "ü€😀 " * 20_000, "kind": "big"}, ensure_ascii=False)  # 200 kB
-
-
-def drain(settings: Settings) -> StreamReport:
-    stream = build_stream(
-        settings, StreamOptions(linger_seconds=0, run_seconds=180, report_every_s=60)
-    )
-    report = stream.run()
-    assert report.caught_up, report
-    assert not any(report.sink_errors.values()), report.sink_errors
-    return report
 
 
 def sql(dsn: str, statement: str, *args: object) -> None:
