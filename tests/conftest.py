@@ -36,6 +36,8 @@ os.environ.update(
         "ENGAGEMENT_KAFKA_TOPIC_PREFIX": f"test.{uuid.uuid4().hex[:8]}.",
         "ENGAGEMENT_PUBLICATION": f"engagement{SUFFIX}_test_pub",
         "DAGSTER_HOME": str(TEST_DIR / "dagster"),
+        # Metric files of the processes tests start, apart from a running platform's.
+        "ENGAGEMENT_METRICS_DIR": str(TEST_DIR / "metrics"),
     }
 )
 get_settings.cache_clear()

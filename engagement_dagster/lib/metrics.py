@@ -362,9 +362,7 @@ class PlatformCollector:
         )
         source.add_metric([], wal_lsn)
         yield source
-        exists = _gauge(
-            "engagement_slot_exists", "1 when the replication slot exists.", ["slot"]
-        )
+        exists = _gauge("engagement_slot_exists", "1 when the replication slot exists.", ["slot"])
         exists.add_metric([slot], 0 if active is None else 1)
         yield exists
         sink_lag = _gauge(
@@ -434,7 +432,7 @@ class PlatformCollector:
 
 def exporter_registry(settings: Settings) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PlatformCollector(settings))  # type: ignore[arg-type]
+    registry.register(PlatformCollector(settings))
     return registry
 
 

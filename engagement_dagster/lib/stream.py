@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import polars as pl
 import psycopg2
 
+from engagement_dagster.lib import metrics
 from engagement_dagster.lib.change_cursor import ChangeCursor
 from engagement_dagster.lib.enrich import (
     CHANGES_SCHEMA,
@@ -116,6 +117,7 @@ class SinkWorker:
         )
         if prepared:
             self.applied_lsn = self._started_at_lsn = self.sink.checkpoint()
+            metrics.SINK_CHECKPOINT_LSN.labels(self.sink.name).set(self.applied_lsn)
         return prepared
 
     @property
@@ -145,6 +147,8 @@ class SinkWorker:
                 self._queue.clear()
                 self._queued_rows = 0
                 self.needs_replay = True
+                metrics.SINK_REPLAYS.labels(self.sink.name).inc()
+            metrics.SINK_QUEUED_ROWS.labels(self.sink.name).set(self._queued_rows)
             self._lock.notify()
 
     @property
@@ -204,11 +208,7 @@ class SinkWorker:
             self.applied_lsn = max(self.applied_lsn or 0, batch.last_lsn)
             if self.fault == f"after_sink:{self.sink.name}":
                 _kill_self(self.fault)
-            applied_at = datetime.now(UTC)
-            for part in taken:
-                if part.last_commit_at is not None:
-                    lag = (applied_at - part.last_commit_at).total_seconds() * 1000
-                    self.latencies_ms.append(lag)
+            self._observe_applied(taken, batch)
             with self._lock:
                 if self._queue and self._queue[0] is taken[0]:  # not dropped meanwhile
                     for _ in taken:
@@ -216,7 +216,24 @@ class SinkWorker:
                         self._queued_rows -= part.rows.height + part.deltas.height
                 if self._queued_rows < self.options.max_queued_rows:
                     self._catching_up = False
+                metrics.SINK_QUEUED_ROWS.labels(self.sink.name).set(self._queued_rows)
                 self._lock.notify_all()
+
+    def _observe_applied(self, taken: list[SinkBatch], batch: SinkBatch) -> None:
+        """Latency of each batch in the write (commit of its last change -> now) and the
+        sink's metrics."""
+        name = self.sink.name
+        applied_at = datetime.now(UTC)
+        latency = metrics.SINK_LATENCY.labels(name)
+        for part in taken:
+            if part.last_commit_at is not None:
+                lag_s = (applied_at - part.last_commit_at).total_seconds()
+                self.latencies_ms.append(lag_s * 1000)
+                latency.observe(lag_s)
+        metrics.SINK_ROWS.labels(name).inc(batch.rows.height)
+        metrics.SINK_BATCHES.labels(name).inc()
+        metrics.SINK_CHECKPOINT_LSN.labels(name).set(self.applied_lsn or 0)
+        metrics.SINK_LAST_APPLIED.labels(name).set(applied_at.timestamp())
 
     def _take(self) -> list[SinkBatch]:
         """The queued batches to apply next as one write (under the lock): everything queued, up
@@ -255,6 +272,9 @@ class SinkWorker:
             except Exception as exc:
                 self.failures += 1
                 self._catching_up = True
+                metrics.SINK_UP.labels(self.sink.name).set(0)
+                metrics.SINK_ERRORS.labels(self.sink.name, type(exc).__name__).inc()
+                metrics.SINK_RETRIES.labels(self.sink.name).inc()
                 delay = min(
                     self.options.retry_max_s, self.options.retry_base_s * 2 ** (self.failures - 1)
                 )
@@ -271,6 +291,7 @@ class SinkWorker:
             if self.failures:
                 log.warning("sink %s recovered after %d failures", self.sink.name, self.failures)
             self.failures, self.last_error = 0, None
+            metrics.SINK_UP.labels(self.sink.name).set(1)
             return True
 
     def wait_idle_or_failing(self, timeout_s: float = 30.0) -> None:
@@ -341,6 +362,7 @@ class Stream:
         self._successor_polled_at = 0.0
         self._successor_ready = False  # set once a successor waits: hand over, slot first
         self._content = fold_content_versions(content_versions([]))
+        self._sampler = metrics.ProcessSampler("stream")
         fault = os.environ.get(FAULT_ENV) or None
         if fault is not None and not _valid_fault(fault, [s.name for s in sinks]):
             raise ValueError(
@@ -357,14 +379,21 @@ class Stream:
             signal.signal(signum, lambda *_: self.stop.set())
 
     def run(self) -> StreamReport:
+        metrics.STREAM_RUNS.inc()
+        with metrics.STREAM_RUNNING.track_inprogress():
+            return self._run()
+
+    def _run(self) -> StreamReport:
         self._content = self._content_snapshot()
         opening = time.monotonic()
         self.cursor.open()
-        log.info("slot %s open in %.0f ms", self.cursor.slot, (time.monotonic() - opening) * 1000)
+        opened_s = time.monotonic() - opening
+        metrics.SLOT_WAIT.observe(opened_s)
+        log.info("slot %s open in %.0f ms", self.cursor.slot, opened_s * 1000)
         for worker in self.workers:
             worker.start()
         target = self._current_wal_lsn()
-        started = last_report = time.monotonic()
+        started = last_report = sampled_at = time.monotonic()
         caught_up_at: float | None = None
         try:
             self._acknowledge(idle=False)
@@ -387,17 +416,22 @@ class Stream:
                     linger = self.options.linger_seconds
                     if linger is not None and time.monotonic() - caught_up_at >= linger:
                         break
+                if time.monotonic() >= sampled_at + 1.0:
+                    self._sampler.sample()
+                    sampled_at = time.monotonic()
                 if self.on_report and time.monotonic() - last_report >= self.options.report_every_s:
                     self._publish()
                     last_report = time.monotonic()
         finally:
             if self._successor_ready:
+                metrics.STREAM_HANDOVERS.inc()
                 self._release_slot_early()
             for worker in self.workers:
                 worker.close()
             if not self._successor_ready:
                 self._acknowledge(idle=False)
                 self.cursor.close()
+        self._sampler.sample()
         self._publish()
         return self.report
 
@@ -492,6 +526,7 @@ class Stream:
         report.unknown_content += enriched.unknown_content
         report.first_lsn = report.first_lsn or transactions[0].commit_lsn
         report.last_lsn = batch.last_lsn
+        _observe_batch(transactions, changes, enriched.rows, dead_letters, enriched.unknown_content)
 
     def _frames(
         self, transactions: list[Transaction]
@@ -566,6 +601,7 @@ class Stream:
         else:
             self.cursor.acknowledge(lowest)
         self.report.acknowledged_lsn = self.cursor.position.acknowledged_lsn
+        metrics.STREAM_ACKED_LSN.set(self.report.acknowledged_lsn)
 
     def _publish(self) -> None:
         for worker in self.workers:
@@ -590,6 +626,38 @@ class Stream:
             cur.execute(CURRENT_WAL_LSN)
             row = cur.fetchone()
         return parse_lsn(row[0]) if row else 0
+
+
+def _observe_batch(
+    transactions: list[Transaction],
+    changes: pl.DataFrame,
+    rows: pl.DataFrame,
+    dead_letters: pl.DataFrame,
+    unknown_content: int,
+) -> None:
+    """A read batch's metrics: changes by table and operation, dead letters by reason, and the
+    business counters (events and engagement by content type)."""
+    total = sum(len(t.changes) for t in transactions)
+    metrics.BATCH_ROWS.observe(total)
+    metrics.STREAM_READ_LSN.set(transactions[-1].commit_lsn)
+    for op, count in changes.group_by("op").len().iter_rows():
+        metrics.CHANGES_READ.labels(EVENTS_TABLE, op).inc(count)
+    others = total - changes.height
+    if others:  # content changes and truncates: rare, counted one by one
+        for transaction in transactions:
+            for change in transaction.changes:
+                if change.table != EVENTS_TABLE or change.op == "truncate":
+                    metrics.CHANGES_READ.labels(change.table, change.op).inc()
+    for reason, count in dead_letters.group_by("reason").len().iter_rows():
+        metrics.DEAD_LETTERS.labels(reason).inc(count)
+    metrics.UNKNOWN_CONTENT.inc(unknown_content)
+    live = rows.filter(pl.col("is_deleted") == 0)
+    by_type = live.group_by(
+        pl.col("content_type").fill_null("unknown"), pl.col("event_type").fill_null("unknown")
+    ).agg(pl.len(), pl.col("engagement_seconds").sum())
+    for content_type, event_type, count, seconds in by_type.iter_rows():
+        metrics.ENRICHED_EVENTS.labels(content_type, event_type).inc(count)
+        metrics.ENGAGEMENT_SECONDS.labels(content_type).inc(seconds or 0.0)
 
 
 def _valid_fault(fault: str, sink_names: list[str]) -> bool:

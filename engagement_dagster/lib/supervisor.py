@@ -96,12 +96,18 @@ class Platform:
                 f"port {self.options.ui_port} is taken (another `make run`?); stop it or pass "
                 "--ui-port"
             )
+        if port_open(self.settings.metrics_host, self.settings.metrics_port):
+            raise ServiceError(
+                f"port {self.settings.metrics_port} is taken (another `engagement metrics`?); "
+                "stop it or set ENGAGEMENT_METRICS_PORT"
+            )
         workspace = str(PROJECT_ROOT / "workspace.yaml")
         bin_dir = Path(sys.executable).parent
         self._spawn(
             "generator",
             [str(bin_dir / "engagement"), "generate", "--rate", str(self.options.rate)],
         )
+        self._spawn("metrics", [str(bin_dir / "engagement"), "metrics"])
         self._spawn("daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace])
         self._spawn(
             "webserver",
@@ -135,6 +141,10 @@ class Platform:
                 start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
             )
         self.children.append(Child(name, process, log))
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.settings.metrics_host}:{self.settings.metrics_port}/metrics"
 
     @property
     def ui_url(self) -> str:
@@ -248,8 +258,9 @@ def run_platform(settings: Settings, options: PlatformOptions) -> int:
         platform.start()
         print(
             f"\nDagster UI:     {platform.ui_url}  (code location loaded)\n"
-            f"Health:         .venv/bin/engagement services status\n"
-            f"Logs:           {platform.logs}/{{generator,daemon,webserver}}.log\n"
+            f"Metrics:        {platform.metrics_url}  (Prometheus)\n"
+            f"Health:         .venv/bin/engagement services status; engagement status\n"
+            f"Logs:           {platform.logs}/{{generator,metrics,daemon,webserver}}.log\n"
             f"Traffic:        {options.rate:g} events/s into {settings.pg_dsn}\n"
             "Stop:           Ctrl-C (data under .local/ is kept)\n"
         )

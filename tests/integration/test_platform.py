@@ -14,9 +14,11 @@ from engagement_dagster.lib.local_services import local_services, port_open
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect, slot_info
 from engagement_dagster.lib.supervisor import Platform, PlatformOptions
+from tests.support import scrape
 
 BIN = Path(sys.executable).parent
 UI_PORT = 3311  # not 3000, so a developer's `make run` can stay up while tests run
+METRICS_PORT = 9311  # not 9108, for the same reason
 RATE = 40.0
 
 
@@ -44,7 +46,12 @@ def test_run_brings_up_the_ui_with_traffic_and_stops_cleanly(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+        env={
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "200",
+            "ENGAGEMENT_METRICS_PORT": str(METRICS_PORT),
+        },
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")))
@@ -74,15 +81,40 @@ def test_run_brings_up_the_ui_with_traffic_and_stops_cleanly(
         rate = (_max_event_id(source_dsn) - first) / (time.monotonic() - started)
         # ids count inserts (valid and invalid); updates and deletes are ~7% of the offered rate
         assert 0.6 * RATE <= rate <= 1.2 * RATE, f"{rate:.1f} inserts/s for {RATE} offered"
+
+        # The exporter serves live values once the daemon's stream run applies the traffic.
+        deadline = time.monotonic() + 180
+        while True:
+            samples = scrape(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+            applied = {
+                sink: samples.get(("engagement_sink_rows_applied_total", (("sink", sink),)), 0)
+                for sink in ("clickhouse", "redis", "kafka")
+            }
+            if all(applied.values()):
+                break
+            assert time.monotonic() < deadline, f"no rows applied after 180 s: {applied}"
+            time.sleep(2)
+        assert samples[("engagement_slot_exists", (("slot", settings.slot),))] == 1
+        assert samples[("engagement_stream_running", ())] >= 1
+        assert (
+            samples[
+                (
+                    "engagement_changes_read_total",
+                    (("op", "insert"), ("table", "engagement_events")),
+                )
+            ]
+            > 0
+        )
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=90)
         reader.join(timeout=10)
     output = "".join(lines)
     assert code == 0, output
-    for child in ("generator", "daemon", "webserver"):
+    for child in ("generator", "metrics", "daemon", "webserver"):
         assert f"stopped {child}" in output
     assert not port_open("127.0.0.1", UI_PORT), "the webserver outlived Ctrl-C"
+    assert not port_open("127.0.0.1", METRICS_PORT), "the metrics exporter outlived Ctrl-C"
     leftovers = subprocess.run(
         ["pgrep", "-f", f"dagster-webserver -h 127.0.0.1 -p {UI_PORT}"], capture_output=True
     )
