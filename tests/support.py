@@ -252,3 +252,18 @@ def assert_kafka_matches_postgres(settings: Settings) -> int:
         # "r": replayed by a backfill or a restart from a snapshot (lib/backfill.py)
         assert v["op"] in {"insert", "update", "r"} and v["schema_version"] == 1
     return len(versions)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One scrape of a Prometheus endpoint: value by (sample name, sorted labels)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
