@@ -45,7 +45,7 @@ from engagement_dagster.lib.generator import (
 from engagement_dagster.lib.kafka_config import kafka_client_config
 from engagement_dagster.lib.pgoutput import parse_lsn
 from engagement_dagster.lib.settings import PROJECT_ROOT, Settings, get_settings
-from engagement_dagster.lib.sinks.kafka import CHECKPOINT_TOPIC
+from engagement_dagster.lib.sinks.kafka_contract import CHECKPOINT_TOPIC, checkpoint_lsn
 from engagement_dagster.lib.sinks.redis import CHECKPOINT_KEY
 from engagement_dagster.lib.source_db import connect, init_source, slot_info
 
@@ -312,7 +312,7 @@ class Watchers:
         while not self.stop.is_set():
             for record in consumer.poll(timeout_ms=50).get(partition, []):
                 if record.value:
-                    self._mark("kafka", int(json.loads(record.value)["lsn"]))
+                    self._mark("kafka", checkpoint_lsn(record.value))
         consumer.close()
 
     def clickhouse(self) -> None:

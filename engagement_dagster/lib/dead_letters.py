@@ -621,9 +621,9 @@ def _deliver(dsn: str, kafka: KafkaSink, letters: Sequence[DeadLetter], rows: pl
     try:
         keys, values = row_messages(rows)
         for key, value in zip(keys, values, strict=True):
-            producer.send(kafka.enriched_topic, key=key, value=value, headers=[REPLAY_HEADER])
+            producer.send(kafka.topics.enriched, key=key, value=value, headers=[REPLAY_HEADER])
         producer.send(
-            kafka.checkpoint_topic,
+            kafka.topics.checkpoint,
             key=kafka.transactional_id.encode(),
             value=json.dumps({"replayed": [letter.key for letter in letters]}).encode(),
         )
@@ -699,7 +699,7 @@ def _last_delivered(kafka: KafkaSink, settings: Settings) -> set[str]:
         consumer_timeout_ms=2000,
     )
     try:
-        partition = TopicPartition(kafka.checkpoint_topic, 0)
+        partition = TopicPartition(kafka.topics.checkpoint, 0)
         consumer.assign([partition])
         end = consumer.end_offsets([partition])[partition]
         consumer.seek_to_beginning(partition)

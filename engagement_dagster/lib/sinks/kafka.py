@@ -8,38 +8,40 @@ older producer of the same slot (a zombie run) before this one writes.
 from __future__ import annotations
 
 import contextlib
-import json
 from typing import Any
 
-import polars as pl
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
+from engagement_dagster.lib.sinks.kafka_contract import (
+    CHECKPOINT_TOPIC,
+    DLQ_TOPIC,
+    ENRICHED_TOPIC,
+    REPLICATION_FACTOR,
+    SCHEMA_VERSION,
+    SINK_NAME,
+    KafkaTopics,
+    checkpoint_key,
+    checkpoint_lsn,
+    checkpoint_value,
+    dead_letter_values,
+    row_messages,
+)
 
-SINK_NAME = "kafka"
-ENRICHED_TOPIC = "engagement.enriched.v1"
-DLQ_TOPIC = "engagement.dlq.v1"
-CHECKPOINT_TOPIC = "engagement._checkpoints"
-SCHEMA_VERSION = 1
+__all__ = [  # the contract's names (kafka_contract.py) stay importable from here
+    "CHECKPOINT_TOPIC",
+    "DLQ_TOPIC",
+    "ENRICHED_TOPIC",
+    "FLUSH_TIMEOUT_S",
+    "SCHEMA_VERSION",
+    "SINK_NAME",
+    "KafkaSink",
+    "row_messages",
+]
+
 FLUSH_TIMEOUT_S = 10.0
-
-
-def row_messages(rows: pl.DataFrame) -> tuple[list[bytes | None], list[bytes]]:
-    """Keys (content_id) and JSON values of the enriched rows, serialized column-wise by Polars."""
-    if rows.height == 0:
-        return [], []
-    values = (
-        rows.with_columns(
-            pl.col("event_ts", "source_committed_at").dt.to_string("%Y-%m-%dT%H:%M:%S%.6fZ"),
-            schema_version=pl.lit(SCHEMA_VERSION),
-        )
-        .write_ndjson()
-        .splitlines()
-    )
-    keys = [k.encode() if k is not None else None for k in rows["content_id"].to_list()]
-    return keys, [v.encode() for v in values]
 
 
 class KafkaSink(Sink):
@@ -51,23 +53,17 @@ class KafkaSink(Sink):
         super().__init__()
         self.config = {**client_config, "request_timeout_ms": 15_000}
         self.transactional_id = transactional_id
-        self.enriched_topic = topic_prefix + ENRICHED_TOPIC
-        self.dlq_topic = topic_prefix + DLQ_TOPIC
-        self.checkpoint_topic = topic_prefix + CHECKPOINT_TOPIC
+        self.topics = KafkaTopics.with_prefix(topic_prefix)
         self._producer: KafkaProducer | None = None
 
     def setup(self) -> None:
         admin = KafkaAdminClient(**self.config)
         try:
-            topics = [
-                NewTopic(self.enriched_topic, num_partitions=3, replication_factor=1),
-                NewTopic(self.dlq_topic, num_partitions=1, replication_factor=1),
-                NewTopic(
-                    self.checkpoint_topic, num_partitions=1, replication_factor=1,
-                    topic_configs={"cleanup.policy": "compact"},
-                ),
-            ]  # fmt: skip
-            for topic in topics:
+            for spec in self.topics.specs():
+                topic = NewTopic(
+                    spec.name, num_partitions=spec.partitions,
+                    replication_factor=REPLICATION_FACTOR, topic_configs=dict(spec.config),
+                )  # fmt: skip
                 with contextlib.suppress(TopicAlreadyExistsError):
                     admin.create_topics([topic])
         finally:
@@ -90,6 +86,12 @@ class KafkaSink(Sink):
 
     def read_checkpoint(self) -> int:
         """The last committed checkpoint record for this transactional id (0 if none)."""
+        record = self.last_checkpoint_record()
+        return checkpoint_lsn(record) if record else 0
+
+    def last_checkpoint_record(self) -> bytes | None:
+        """The value of the last committed record of this transactional id in the checkpoint
+        topic (None if none): the stream's LSN, or what another writer (a dlq replay) noted."""
         consumer = KafkaConsumer(
             **self.config,
             isolation_level="read_committed",
@@ -97,19 +99,19 @@ class KafkaSink(Sink):
             consumer_timeout_ms=2000,
         )
         try:
-            partition = TopicPartition(self.checkpoint_topic, 0)
+            partition = TopicPartition(self.topics.checkpoint, 0)
             consumer.assign([partition])
             end = consumer.end_offsets([partition])[partition]
             consumer.seek_to_beginning(partition)
-            lsn = 0
+            key, last = checkpoint_key(self.transactional_id), None
             while consumer.position(partition) < end:
                 records = consumer.poll(timeout_ms=1000).get(partition, [])
                 if not records:
                     break
                 for record in records:
-                    if record.key == self.transactional_id.encode() and record.value:
-                        lsn = int(json.loads(record.value)["lsn"])
-            return lsn
+                    if record.key == key and record.value:
+                        last = record.value
+            return last
         finally:
             consumer.close()
 
@@ -119,13 +121,13 @@ class KafkaSink(Sink):
         try:
             keys, values = row_messages(batch.rows)
             for key, value in zip(keys, values, strict=True):
-                producer.send(self.enriched_topic, key=key, value=value)
-            for letter in batch.dead_letters.iter_rows(named=True):
-                producer.send(self.dlq_topic, value=json.dumps(letter, default=str).encode())
+                producer.send(self.topics.enriched, key=key, value=value)
+            for letter in dead_letter_values(batch.dead_letters):
+                producer.send(self.topics.dlq, value=letter)
             producer.send(
-                self.checkpoint_topic,
-                key=self.transactional_id.encode(),
-                value=json.dumps({"lsn": batch.last_lsn}).encode(),
+                self.topics.checkpoint,
+                key=checkpoint_key(self.transactional_id),
+                value=checkpoint_value(batch.last_lsn),
             )
             # Bounded: with the broker gone, flush times out and the batch is retried later
             # (commit_transaction itself would wait without a limit).

@@ -1,5 +1,6 @@
-"""Kafka sink on librdkafka (confluent-kafka): lib/sinks/kafka.py's topics, keys, JSON values and
-one transaction per batch, with the client's work done in C threads instead of the stream's GIL.
+"""Kafka sink on librdkafka (confluent-kafka): lib/sinks/kafka.py's topics, keys, JSON values
+(kafka_contract.py) and one transaction per batch, with the client's work done in C threads
+instead of the stream's GIL.
 
 It must never commit rows without their checkpoint record, never wait on a broker without a time
 limit, and never reuse a producer whose transaction failed.
@@ -7,7 +8,6 @@ limit, and never reuse a producer whose transaction failed.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -24,11 +24,14 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
-from engagement_dagster.lib.sinks.kafka import (
-    CHECKPOINT_TOPIC,
-    DLQ_TOPIC,
-    ENRICHED_TOPIC,
+from engagement_dagster.lib.sinks.kafka_contract import (
+    REPLICATION_FACTOR,
     SINK_NAME,
+    KafkaTopics,
+    checkpoint_key,
+    checkpoint_lsn,
+    checkpoint_value,
+    dead_letter_values,
     row_messages,
 )
 
@@ -81,20 +84,17 @@ class ConfluentKafkaSink(Sink):
         self.producer_config = {**PRODUCER_DEFAULTS, **(producer_config or {})}
         self.transactional_id = transactional_id
         self.timeout_s = timeout_s
-        self.enriched_topic = topic_prefix + ENRICHED_TOPIC
-        self.dlq_topic = topic_prefix + DLQ_TOPIC
-        self.checkpoint_topic = topic_prefix + CHECKPOINT_TOPIC
+        self.topics = KafkaTopics.with_prefix(topic_prefix)
         self._producer: Producer | None = None
 
     def setup(self) -> None:
         admin = AdminClient(self.config)
         topics = [
-            NewTopic(self.enriched_topic, num_partitions=3, replication_factor=1),
-            NewTopic(self.dlq_topic, num_partitions=1, replication_factor=1),
             NewTopic(
-                self.checkpoint_topic, num_partitions=1, replication_factor=1,
-                config={"cleanup.policy": "compact"},
-            ),
+                spec.name, num_partitions=spec.partitions,
+                replication_factor=REPLICATION_FACTOR, config=dict(spec.config),
+            )
+            for spec in self.topics.specs()
         ]  # fmt: skip
         futures = admin.create_topics(topics, request_timeout=self.timeout_s)
         for topic, future in futures.items():
@@ -148,13 +148,13 @@ class ConfluentKafkaSink(Sink):
             }
         )
         try:
-            consumer.assign([TopicPartition(self.checkpoint_topic, 0, OFFSET_BEGINNING)])
+            consumer.assign([TopicPartition(self.topics.checkpoint, 0, OFFSET_BEGINNING)])
             return self._last_checkpoint(consumer)
         finally:
             consumer.close()
 
     def _last_checkpoint(self, consumer: Consumer) -> int:
-        key = self.transactional_id.encode()
+        key = checkpoint_key(self.transactional_id)
         deadline = time.monotonic() + self.timeout_s
         lsn = 0
         while time.monotonic() < deadline:
@@ -168,9 +168,9 @@ class ConfluentKafkaSink(Sink):
                 raise self._error("reading the checkpoint failed", KafkaException(error))
             value = message.value()
             if message.key() == key and value:
-                lsn = int(json.loads(value)["lsn"])
+                lsn = checkpoint_lsn(value)
         raise KafkaSinkError(
-            f"sink kafka: the end of {self.checkpoint_topic} was not reached within "
+            f"sink kafka: the end of {self.topics.checkpoint} was not reached within "
             f"{self.timeout_s:.0f} s; is the broker at {self.config.get('bootstrap.servers')} up?"
         )
 
@@ -179,14 +179,11 @@ class ConfluentKafkaSink(Sink):
         try:
             producer.begin_transaction()
             keys, values = row_messages(batch.rows)
-            self._produce(self.enriched_topic, zip(keys, values, strict=True))
-            letters = (
-                (None, json.dumps(letter, default=str).encode())
-                for letter in batch.dead_letters.iter_rows(named=True)
-            )
-            self._produce(self.dlq_topic, letters)
-            record = json.dumps({"lsn": batch.last_lsn}).encode()
-            self._produce(self.checkpoint_topic, [(self.transactional_id.encode(), record)])
+            self._produce(self.topics.enriched, zip(keys, values, strict=True))
+            letters = ((None, letter) for letter in dead_letter_values(batch.dead_letters))
+            self._produce(self.topics.dlq, letters)
+            record = (checkpoint_key(self.transactional_id), checkpoint_value(batch.last_lsn))
+            self._produce(self.topics.checkpoint, [record])
             # Flushes, then commits; bounded, and a timeout is a failure like any other.
             producer.commit_transaction(self.timeout_s)
         except (KafkaException, BufferError) as exc:
