@@ -411,6 +411,17 @@ def bench(
 
 
 @main.command()
+def status() -> None:
+    """Slot, each sink's checkpoint and lag, last batch latency, dead letters, and what to do.
+    Exit 1 when something needs doing."""
+    from engagement_dagster.lib.status import gather, status_view
+
+    report = gather(get_settings())
+    console.print(status_view(report))
+    sys.exit(1 if report.problems else 0)
+
+
+@main.command()
 def metrics() -> None:
     """Serve the Prometheus metrics of every stream process on 127.0.0.1:9108 until Ctrl-C."""
     import signal

@@ -18,11 +18,13 @@ The directory is fixed when this module is first imported: set ENGAGEMENT_METRIC
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +98,12 @@ SINK_LATENCY = Histogram(
     "write applied.",
     ["sink"],
     buckets=LATENCY_BUCKETS,
+)
+SINK_LAST_LATENCY = Gauge(
+    "engagement_sink_last_latency_seconds",
+    "Commit-to-applied latency of the sink's last write.",
+    ["sink"],
+    multiprocess_mode="mostrecent",
 )
 SINK_RETRIES = Counter(
     "engagement_sink_retries", "Attempts retried after a sink error, by sink.", ["sink"]
@@ -222,6 +230,7 @@ SCRAPE_TIME_METRICS = (
 SLOT_QUERY = """
 SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,
        s.active,
+       s.active_pid,
        s.wal_status,
        s.safe_wal_size,
        pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,
@@ -229,6 +238,38 @@ SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,
 FROM (SELECT 1) AS one
 LEFT JOIN pg_replication_slots AS s ON s.slot_name = %s
 """
+
+
+@dataclass(frozen=True)
+class SlotReading:
+    """The slot as PostgreSQL reports it now; `exists` False leaves the rest None."""
+
+    wal_lsn: int
+    exists: bool
+    active: bool | None = None
+    active_pid: int | None = None
+    wal_status: str | None = None
+    safe_wal_size: int | None = None
+    lag_bytes: int | None = None
+    retained_bytes: int | None = None
+
+
+def read_slot(settings: Settings) -> SlotReading:
+    conn = psycopg2.connect(
+        settings.pg_dsn, connect_timeout=3, application_name="engagement-metrics"
+    )
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(SLOT_QUERY, (settings.slot,))
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    assert row is not None  # the LEFT JOIN always returns one row
+    wal_lsn, active, active_pid, wal_status, safe_wal_size, lag, retained = row
+    if active is None:
+        return SlotReading(wal_lsn, exists=False)
+    return SlotReading(wal_lsn, True, active, active_pid, wal_status, safe_wal_size, lag, retained)
 
 
 @dataclass(frozen=True)
@@ -255,7 +296,7 @@ def fold_dead_processes(directory: Path) -> int:
     how many files were folded. Counters and histograms are summed; `mostrecent` gauges keep the
     newest value; `live*` gauges of dead processes are dropped, as their mode says.
 
-    Only the exporter calls this, under its scrape lock: a scrape never sees a value twice.
+    Call it through `read_all`, which holds the fold lock: a read never sees a value twice.
     """
     dead: dict[str, list[str]] = {}
     for path in glob.glob(str(directory / "*.db")):
@@ -295,6 +336,29 @@ def fold_dead_processes(directory: Path) -> int:
     return folded
 
 
+@contextmanager
+def _folding(directory: Path) -> Iterator[None]:
+    """Exclusive across processes (the exporter, `engagement status`): a read never sees a file
+    and the archive it is being folded into."""
+    with open(directory / ".fold.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_all(directory: Path = METRICS_DIR) -> list[Metric]:
+    """Every process's metrics, live and ended, summed as their multiprocess modes say."""
+    with _folding(directory):
+        try:
+            fold_dead_processes(directory)
+        except OSError as exc:  # a read still serves what it can
+            log.warning("folding metric files of ended processes failed: %s", exc)
+        files = glob.glob(str(directory / "*.db"))
+        return list(MultiProcessCollector.merge(files, accumulate=True))
+
+
 def _gauge(name: str, documentation: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, labels=list(labels))
 
@@ -306,17 +370,10 @@ class PlatformCollector:
     def __init__(self, settings: Settings, directory: Path = METRICS_DIR) -> None:
         self.settings = settings
         self.directory = directory
-        self._lock = threading.Lock()
         self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            try:
-                fold_dead_processes(self.directory)
-            except OSError as exc:  # a scrape still serves what it can read
-                log.warning("folding metric files of ended processes failed: %s", exc)
-            files = glob.glob(str(self.directory / "*.db"))
-            merged = list(MultiProcessCollector.merge(files, accumulate=True))
+        merged = read_all(self.directory)
         yield from merged
         up = _gauge(
             "engagement_exporter_source_up",
@@ -345,25 +402,15 @@ class PlatformCollector:
 
     def _slot_metrics(self, checkpoints: dict[str, float]) -> Iterator[Metric]:
         slot = self.settings.slot
-        conn = psycopg2.connect(
-            self.settings.pg_dsn, connect_timeout=3, application_name="engagement-metrics"
-        )
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(SLOT_QUERY, (slot,))
-                row = cur.fetchone()
-        finally:
-            conn.close()
-        assert row is not None  # the LEFT JOIN always returns one row
-        wal_lsn, active, wal_status, safe_wal_size, lag, retained = row
+        reading = read_slot(self.settings)
+        wal_lsn = reading.wal_lsn
         source = _gauge(
             "engagement_source_wal_lsn", "PostgreSQL's current WAL position (pg_current_wal_lsn)."
         )
         source.add_metric([], wal_lsn)
         yield source
         exists = _gauge("engagement_slot_exists", "1 when the replication slot exists.", ["slot"])
-        exists.add_metric([slot], 0 if active is None else 1)
+        exists.add_metric([slot], int(reading.exists))
         yield exists
         sink_lag = _gauge(
             "engagement_sink_lag_bytes",
@@ -373,25 +420,29 @@ class PlatformCollector:
         for sink, lsn in sorted(checkpoints.items()):
             sink_lag.add_metric([sink], max(0.0, wal_lsn - lsn))
         yield sink_lag
-        if active is None:
+        if not reading.exists:
             return  # no slot: nothing more to say about it (slot_exists 0 alerts)
         for name, doc, value in (
-            ("engagement_slot_active", "1 while a stream run consumes the slot.", int(active)),
+            (
+                "engagement_slot_active",
+                "1 while a stream run consumes the slot.",
+                int(bool(reading.active)),
+            ),
             (
                 "engagement_slot_lag_bytes",
                 "WAL bytes not yet confirmed by the slot's consumer.",
-                lag,
+                reading.lag_bytes,
             ),
             (
                 "engagement_slot_retained_wal_bytes",
                 "WAL bytes the slot keeps on disk (from its restart_lsn).",
-                retained,
+                reading.retained_bytes,
             ),
             (
                 "engagement_slot_safe_wal_size_bytes",
                 "WAL bytes that can still be written before the slot is in danger of being "
                 "lost (max_slot_wal_keep_size); absent when unlimited.",
-                safe_wal_size,
+                reading.safe_wal_size,
             ),
         ):
             if value is None:
@@ -405,7 +456,7 @@ class PlatformCollector:
             ["slot", "status"],
         )
         for candidate in WAL_STATUSES:
-            status.add_metric([slot, candidate], 1 if wal_status == candidate else 0)
+            status.add_metric([slot, candidate], int(reading.wal_status == candidate))
         yield status
 
     def _board_metrics(self) -> Iterator[Metric]:
@@ -459,6 +510,7 @@ _STREAM_METRICS = (
     SINK_ROWS,
     SINK_BATCHES,
     SINK_LATENCY,
+    SINK_LAST_LATENCY,
     SINK_RETRIES,
     SINK_ERRORS,
     SINK_REPLAYS,

@@ -230,6 +230,7 @@ class SinkWorker:
                 lag_s = (applied_at - part.last_commit_at).total_seconds()
                 self.latencies_ms.append(lag_s * 1000)
                 latency.observe(lag_s)
+                metrics.SINK_LAST_LATENCY.labels(name).set(lag_s)
         metrics.SINK_ROWS.labels(name).inc(batch.rows.height)
         metrics.SINK_BATCHES.labels(name).inc()
         metrics.SINK_CHECKPOINT_LSN.labels(name).set(self.applied_lsn or 0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from engagement_dagster.lib.metrics import PlatformCollector, serve
+from engagement_dagster.lib.pgoutput import format_lsn
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect
 from tests.support import postgres_board, scrape
@@ -188,3 +189,26 @@ def test_endpoint_serves_the_same_values(
         server.join(timeout=10)
     key = ("engagement_sink_rows_applied_total", (("sink", "kafka"),))
     assert served[key] == after[key]
+
+
+def test_status_shows_checkpoints_dead_letters_and_what_to_do(
+    stream_run: tuple[Samples, Samples],
+) -> None:
+    _, after = stream_run
+    result = subprocess.run(
+        [str(BIN / "engagement"), "status"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out = result.stdout
+    assert result.returncode == 1, out  # nothing consumes the slot: something to do
+    checkpoint = int(after[("engagement_sink_checkpoint_lsn", (("sink", "redis"),))])
+    for sink in ("clickhouse", "redis", "kafka"):
+        line = next(line for line in out.splitlines() if f"│ {sink} " in line)
+        assert format_lsn(checkpoint) in line and "no live run" in line, line
+    assert f"dead letters not replayed: {INVALID}" in out
+    assert f"unknown_event_type {INVALID}" in out
+    assert "no stream run consumes the slot" in out
+    assert "engagement dlq replay" in out
