@@ -14,6 +14,7 @@ from pydantic import Field
 
 from engagement_dagster.assets.stream import (
     CLICKHOUSE_ENRICHED_KEY,
+    STREAM_FRESHNESS,
     enriched_engagements,
     stream_settings,
 )
@@ -65,6 +66,7 @@ def backfill_metadata(report: BackfillReport) -> dict[str, str | int | float]:
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="stream",
     kinds={"clickhouse"},
+    freshness_policy=STREAM_FRESHNESS,  # the stream reports today's partition every 30 s
     metadata={"dagster/table_name": "engagement.enriched_engagements"},
     description="engagement.enriched_engagements (ReplacingMergeTree by source_lsn, monthly "
     "partitions) and engagement.dead_letters; query with FINAL for exact answers. The stream "

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 from pydantic import Field
@@ -49,6 +49,11 @@ SLOT_POLL_S = 0.05  # while a successor waits: the handover gap is at most this 
 STOP_JOIN_S = 120.0  # after termination: time for the stream to finish its batch and close
 IDLE_WAKE_S = 0.5  # the op thread polls the stream thread's events this often
 
+# The stream reports every 30 s while it runs: five quiet minutes mean no run is consuming.
+STREAM_FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=timedelta(minutes=5), warn_window=timedelta(minutes=1)
+)
+
 enriched_engagements = dg.AssetSpec(
     key=["engagement", "enriched_engagements"],
     deps=[content_source, engagement_events_source],
@@ -67,6 +72,7 @@ redis_live_board = dg.AssetSpec(
     group_name="stream",
     kinds={"redis"},
     skippable=True,
+    freshness_policy=STREAM_FRESHNESS,
     description="The live boards engagement:top:10m (seconds) and engagement:top:10m:events, "
     "applied atomically per batch with the Redis checkpoint.",
 )
@@ -76,6 +82,7 @@ kafka_enriched_v1 = dg.AssetSpec(
     group_name="stream",
     kinds={"kafka"},
     skippable=True,
+    freshness_policy=STREAM_FRESHNESS,
     description="Topic engagement.enriched.v1 (key content_id) and engagement.dlq.v1, one "
     "Kafka transaction per batch; read with isolation.level=read_committed.",
 )

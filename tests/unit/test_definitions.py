@@ -95,3 +95,15 @@ def test_health_job_is_defined() -> None:
     job = defs.resolve_job_def("health_check")
     assert isinstance(job, dg.JobDefinition)
     assert job.tags.get("engagement/kind") == "operations"
+
+
+def test_sink_assets_have_freshness_policies() -> None:
+    graph = defs.resolve_asset_graph()
+    for key in (
+        ["clickhouse", "enriched_engagements"],
+        ["redis", "engagement_live_board"],
+        ["kafka", "engagement_enriched_v1"],
+    ):
+        policy = graph.get(dg.AssetKey(key)).freshness_policy
+        assert policy is not None, key
+        assert policy.fail_window.to_timedelta().total_seconds() == 300, key
