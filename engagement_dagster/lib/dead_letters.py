@@ -25,7 +25,6 @@ import polars as pl
 import psycopg2
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import Error as ClickHouseError
-from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -46,8 +45,9 @@ from engagement_dagster.lib.kafka_config import kafka_client_config
 from engagement_dagster.lib.pgoutput import format_lsn
 from engagement_dagster.lib.pipeline import enrich_rules
 from engagement_dagster.lib.settings import Settings
-from engagement_dagster.lib.sinks.clickhouse import ENRICHED_COLUMNS
-from engagement_dagster.lib.sinks.kafka import KafkaSink, row_messages
+from engagement_dagster.lib.sinks.clickhouse import insertable
+from engagement_dagster.lib.sinks.kafka import KafkaSink
+from engagement_dagster.lib.sinks.kafka_contract import checkpoint_key, row_messages
 from engagement_dagster.lib.source_db import connect
 
 EXTRA_EVENT_TYPES_ENV = "ENGAGEMENT_EXTRA_EVENT_TYPES"
@@ -550,7 +550,7 @@ def _replay(
         recovered = 0
         if kafka is not None:
             kafka.setup()
-            recovered = _complete_interrupted(dsn, kafka, settings)
+            recovered = _complete_interrupted(dsn, kafka)
         letters = _pending(dsn, reason)
         ids = sorted({letter.event_id for letter in letters if letter.event_id is not None})
         content = _content_now(settings.pg_dsn)
@@ -615,7 +615,7 @@ def _deliver(dsn: str, kafka: KafkaSink, letters: Sequence[DeadLetter], rows: pl
     """Steps 1-3 of `replay_dead_letters` for one chunk."""
     if rows.height:
         with clickhouse_client(dsn) as client:
-            client.insert_arrow("engagement.enriched_engagements", _insertable(rows).to_arrow())
+            client.insert_arrow("engagement.enriched_engagements", insertable(rows).to_arrow())
     producer = kafka.producer
     producer.begin_transaction()
     try:
@@ -624,7 +624,7 @@ def _deliver(dsn: str, kafka: KafkaSink, letters: Sequence[DeadLetter], rows: pl
             producer.send(kafka.topics.enriched, key=key, value=value, headers=[REPLAY_HEADER])
         producer.send(
             kafka.topics.checkpoint,
-            key=kafka.transactional_id.encode(),
+            key=checkpoint_key(kafka.transactional_id),
             value=json.dumps({"replayed": [letter.key for letter in letters]}).encode(),
         )
         producer.commit_transaction()
@@ -635,16 +635,6 @@ def _deliver(dsn: str, kafka: KafkaSink, letters: Sequence[DeadLetter], rows: pl
             kafka.close()  # a producer that failed mid-transaction is not reused
         raise
     _mark_replayed(dsn, letters)
-
-
-def _insertable(rows: pl.DataFrame) -> pl.DataFrame:
-    """As the ClickHouse sink inserts them: a tombstone of an invalid OLD image may lack an
-    event time or type (see lib/sinks/clickhouse.py)."""
-    return rows.select(ENRICHED_COLUMNS).with_columns(
-        pl.col("event_ts").fill_null(pl.lit(0).cast(pl.Datetime("us", "UTC"))),
-        pl.col("event_type").fill_null(""),
-        pl.col("op").fill_null(""),
-    )
 
 
 def _mark_replayed(dsn: str, letters: Sequence[DeadLetter]) -> None:
@@ -680,9 +670,9 @@ def _mark_replayed(dsn: str, letters: Sequence[DeadLetter]) -> None:
         client.insert_arrow("engagement.dead_letters", frame.to_arrow())
 
 
-def _complete_interrupted(dsn: str, kafka: KafkaSink, settings: Settings) -> int:
+def _complete_interrupted(dsn: str, kafka: KafkaSink) -> int:
     """Mark replayed what the last committed replay transaction delivered but did not mark."""
-    delivered = _last_delivered(kafka, settings)
+    delivered = _last_delivered(kafka)
     if not delivered:
         return 0
     unmarked = [letter for letter in _pending(dsn, None) if letter.key in delivered]
@@ -690,30 +680,10 @@ def _complete_interrupted(dsn: str, kafka: KafkaSink, settings: Settings) -> int
     return len(unmarked)
 
 
-def _last_delivered(kafka: KafkaSink, settings: Settings) -> set[str]:
+def _last_delivered(kafka: KafkaSink) -> set[str]:
     """The dead letters named by this producer's last committed record in the checkpoint topic."""
-    consumer = KafkaConsumer(
-        **kafka_client_config(settings),
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        consumer_timeout_ms=2000,
-    )
-    try:
-        partition = TopicPartition(kafka.topics.checkpoint, 0)
-        consumer.assign([partition])
-        end = consumer.end_offsets([partition])[partition]
-        consumer.seek_to_beginning(partition)
-        delivered: set[str] = set()
-        while consumer.position(partition) < end:
-            records = consumer.poll(timeout_ms=1000).get(partition, [])
-            if not records:
-                break
-            for record in records:
-                if record.key == kafka.transactional_id.encode() and record.value:
-                    delivered = set(json.loads(record.value).get("replayed", []))
-        return delivered
-    finally:
-        consumer.close()
+    record = kafka.last_checkpoint_record()
+    return set(json.loads(record).get("replayed", [])) if record else set()
 
 
 # --- how a replay reads -----------------------------------------------------------------------
