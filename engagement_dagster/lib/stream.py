@@ -152,16 +152,26 @@ class SinkWorker:
             self._lock.notify()
 
     @property
+    def _hung(self) -> bool:
+        """In one write (or set-up) for longer than a healthy sink ever takes."""
+        started = self._apply_started_at
+        return started is not None and time.monotonic() - started > self.options.stall_s
+
+    @property
+    def up(self) -> bool:
+        """Writes succeed, and none hangs."""
+        return self.failures == 0 and not self._hung
+
+    @property
     def stalled(self) -> bool:
         """Starting, failing, catching up after a failure, or stuck in one write for longer than
         a healthy sink ever takes: the reader does not wait for it, so the other sinks never
         wait for a sink that starts slowly, hangs or works through a backlog."""
-        started = self._apply_started_at
         return (
             self.applied_lsn is None  # still starting (a lock, a coordinator): never waited on
             or self.failures > 0
             or self._catching_up
-            or (started is not None and time.monotonic() - started > self.options.stall_s)
+            or self._hung
         )
 
     def resume(self) -> None:
@@ -418,7 +428,7 @@ class Stream:
                     if linger is not None and time.monotonic() - caught_up_at >= linger:
                         break
                 if time.monotonic() >= sampled_at + 1.0:
-                    self._sampler.sample()
+                    self._sample()
                     sampled_at = time.monotonic()
                 if self.on_report and time.monotonic() - last_report >= self.options.report_every_s:
                     self._publish()
@@ -432,9 +442,15 @@ class Stream:
             if not self._successor_ready:
                 self._acknowledge(idle=False)
                 self.cursor.close()
-        self._sampler.sample()
+        self._sample()
         self._publish()
         return self.report
+
+    def _sample(self) -> None:
+        """Once a second: process CPU and memory, and whether each sink is up."""
+        self._sampler.sample()
+        for worker in self.workers:
+            metrics.SINK_UP.labels(worker.sink.name).set(int(worker.up))
 
     def _release_slot_early(self) -> None:
         """Handing over: give the sinks a moment to finish, acknowledge what every sink has
