@@ -99,22 +99,24 @@ _SUMMARY_COLUMNS = """
     computed_at              DateTime64(6, 'UTC'),
     is_deleted               UInt8
 """
-CREATE_DAILY_SUMMARY = f"""
-CREATE TABLE IF NOT EXISTS engagement.daily_engagement_summary (
-    day Date,{_SUMMARY_COLUMNS})
+
+
+def _create_summary(table: str, period_column: str, partition_by: str) -> str:
+    """A summary table: one row per (period, content_type), replaced period by period."""
+    return f"""
+CREATE TABLE IF NOT EXISTS engagement.{table} (
+    {period_column} Date,{_SUMMARY_COLUMNS})
 ENGINE = ReplacingMergeTree(computed_at, is_deleted)
-PARTITION BY toYYYYMM(day)
-ORDER BY (day, content_type)
+PARTITION BY {partition_by}
+ORDER BY ({period_column}, content_type)
 SETTINGS allow_nullable_key = 1
 """
-CREATE_WEEKLY_SUMMARY = f"""
-CREATE TABLE IF NOT EXISTS engagement.weekly_engagement_summary (
-    week_start Date,{_SUMMARY_COLUMNS})
-ENGINE = ReplacingMergeTree(computed_at, is_deleted)
-PARTITION BY toYear(week_start)
-ORDER BY (week_start, content_type)
-SETTINGS allow_nullable_key = 1
-"""
+
+
+CREATE_DAILY_SUMMARY = _create_summary("daily_engagement_summary", "day", "toYYYYMM(day)")
+CREATE_WEEKLY_SUMMARY = _create_summary(
+    "weekly_engagement_summary", "week_start", "toYear(week_start)"
+)
 
 ROLLUP_TABLES = (CREATE_ROLLUP_10M, CREATE_ROLLUP_LOG, CREATE_DAILY_SUMMARY, CREATE_WEEKLY_SUMMARY)
 
