@@ -254,7 +254,11 @@ def assert_kafka_matches_postgres(settings: Settings) -> int:
     return len(versions)
 
 
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+# Metric samples: value by (sample name, sorted labels).
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
     """One scrape of a Prometheus endpoint: value by (sample name, sorted labels)."""
     import urllib.request
 

@@ -18,10 +18,9 @@ from engagement_dagster.lib.metrics import PlatformCollector, serve
 from engagement_dagster.lib.pgoutput import format_lsn
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect
-from tests.support import postgres_board, scrape
+from tests.support import Samples, postgres_board, scrape
 
 BIN = Path(sys.executable).parent
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 VIDEO, PODCAST = str(uuid.uuid4()), str(uuid.uuid4())
 UNKNOWN_CONTENT = str(uuid.uuid4())

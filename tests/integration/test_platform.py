@@ -14,7 +14,7 @@ from engagement_dagster.lib.local_services import local_services, port_open
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect, slot_info
 from engagement_dagster.lib.supervisor import Platform, PlatformOptions
-from tests.support import scrape
+from tests.support import Samples, scrape
 
 BIN = Path(sys.executable).parent
 UI_PORT = 3311  # not 3000, so a developer's `make run` can stay up while tests run
@@ -82,20 +82,26 @@ def test_run_brings_up_the_ui_with_traffic_and_stops_cleanly(
         # ids count inserts (valid and invalid); updates and deletes are ~7% of the offered rate
         assert 0.6 * RATE <= rate <= 1.2 * RATE, f"{rate:.1f} inserts/s for {RATE} offered"
 
-        # The exporter serves live values once the daemon's stream run applies the traffic.
-        deadline = time.monotonic() + 180
-        while True:
-            samples = scrape(f"http://127.0.0.1:{METRICS_PORT}/metrics")
-            applied = {
+        # The exporter serves live values once the daemon's stream run applies the traffic
+        # (compared with a first scrape: earlier test modules' runs are in the same files).
+        url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+        baseline = scrape(url)
+
+        def applied(samples: Samples) -> dict[str, float]:
+            return {
                 sink: samples.get(("engagement_sink_rows_applied_total", (("sink", sink),)), 0)
+                - baseline.get(("engagement_sink_rows_applied_total", (("sink", sink),)), 0)
                 for sink in ("clickhouse", "redis", "kafka")
             }
-            if all(applied.values()):
+
+        deadline = time.monotonic() + 180
+        while True:
+            samples = scrape(url)
+            if all(applied(samples).values()) and samples[("engagement_stream_running", ())]:
                 break
-            assert time.monotonic() < deadline, f"no rows applied after 180 s: {applied}"
+            assert time.monotonic() < deadline, f"no rows applied in 180 s: {applied(samples)}"
             time.sleep(2)
         assert samples[("engagement_slot_exists", (("slot", settings.slot),))] == 1
-        assert samples[("engagement_stream_running", ())] >= 1
         assert (
             samples[
                 (
