@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make run` and `make test` need on a bare Debian machine: the system packages
-# (PostgreSQL, Redis, a JRE, Maven) and the project in .venv. Safe to re-run; changes nothing
-# that is already in place.
+# (PostgreSQL, Redis, a JRE, Maven, promtool) and the project in .venv. Safe to re-run; changes
+# nothing that is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,9 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1 || true)
 [ "${java_major:-0}" -ge 17 ] 2>/dev/null || missing+=(default-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
+# promtool checks and unit-tests the alert rules (tests/unit/test_alert_rules.py); Debian ships it
+# in the prometheus package.
+command -v promtool >/dev/null || missing+=(prometheus)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 
 if [ ${#missing[@]} -gt 0 ]; then
@@ -25,6 +28,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     echo "bootstrap: missing ${missing[*]} and no root. Fix: sudo apt-get install -y ${missing[*]}" >&2
     exit 1
+  fi
+  # Only promtool is wanted, but the package also enables and starts a Prometheus server on
+  # :9090 (the port of the compose stack's Prometheus). Stop and disable the one just installed.
+  if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+    as_root=(); [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
+    if [ -d /run/systemd/system ]; then
+      "${as_root[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    else
+      "${as_root[@]}" invoke-rc.d prometheus stop >/dev/null 2>&1 || true
+      "${as_root[@]}" update-rc.d prometheus disable >/dev/null 2>&1 || true
+    fi
   fi
 fi
 
