@@ -27,8 +27,11 @@ DOCKERFILE = DOCKER_DIR / "Dockerfile"
 
 STATEFUL_SERVICES = ("postgres", "dagster-postgres", "redis", "clickhouse", "kafka")
 DAGSTER_SERVICES = ("code-location", "dagster-webserver", "dagster-daemon")
-PROJECT_SERVICES = ("engagement-init", *DAGSTER_SERVICES)
-EXPECTED_SERVICES = (*STATEFUL_SERVICES, *PROJECT_SERVICES)
+PROJECT_SERVICES = ("engagement-init", *DAGSTER_SERVICES, "engagement-metrics")
+MONITORING_SERVICES = ("prometheus", "grafana")
+EXPECTED_SERVICES = (*STATEFUL_SERVICES, *PROJECT_SERVICES, *MONITORING_SERVICES)
+PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
+GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
 
 # Settings every project container must receive explicitly (DESIGN §9): their local defaults point
 # at 127.0.0.1 or at embedded chDB, which mean nothing inside a container.
@@ -238,7 +241,9 @@ def test_project_containers_get_every_setting(
     assert not missing, f"service {service!r} lacks the environment variables {missing}"
 
     prefix = Settings.model_config.get("env_prefix", "").upper()
-    known = {f"{prefix}{field}".upper() for field in Settings.model_fields}
+    known = {
+        (info.alias or f"{prefix}{field}").upper() for field, info in Settings.model_fields.items()
+    }
     unknown = sorted(name for name in env if name.startswith(prefix) and name not in known)
     assert not unknown, (
         f"service {service!r} sets {unknown}, which Settings does not read (typo or stale name?)"
@@ -455,4 +460,149 @@ def test_stateful_services_have_a_healthcheck_and_a_named_volume(service: str) -
     }
     assert sources & declared, (
         f"service {service!r} keeps its data in no named volume (mounts {sorted(sources)})"
+    )
+
+
+def _mounts(service: str) -> dict[str, str]:
+    """A service's volumes as {target: source}, short or long syntax, `:ro` dropped."""
+    mounts = {}
+    for volume in _services()[service].get("volumes") or []:
+        if isinstance(volume, dict):
+            mounts[str(volume["target"])] = str(volume["source"])
+        else:
+            source, target, *_ = str(volume).split(":")
+            mounts[target] = source
+    return mounts
+
+
+def _bind_mount(service: str, repo_path: Path) -> str:
+    """Where a service mounts a path of the repository."""
+    for target, source in _mounts(service).items():
+        if source.startswith(".") and (REPO_ROOT / source).resolve() == repo_path.resolve():
+            return target
+    raise AssertionError(f"service {service!r} does not mount {repo_path.relative_to(REPO_ROOT)}")
+
+
+def test_every_bind_mount_exists_in_the_repository() -> None:
+    for name in _services():
+        for target, source in _mounts(name).items():
+            if source.startswith((".", "/")):
+                assert (REPO_ROOT / source).exists(), (
+                    f"service {name!r} mounts {source} at {target}, which is not in the repository"
+                )
+
+
+@pytest.mark.parametrize("service", [*STATEFUL_SERVICES, *MONITORING_SERVICES])
+def test_images_are_pinned(service: str) -> None:
+    image = str(_services()[service].get("image", ""))
+    name, _, tag = image.rpartition(":")
+    assert name and tag and tag != "latest" and "/" not in tag, (
+        f"service {service!r} runs image {image!r}: pin a tag so every checkout runs the same"
+    )
+    if service in MONITORING_SERVICES:
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{service!r} image {image!r}: pin x.y.z"
+
+
+def test_exporter_serves_the_runs_metric_files_on_the_compose_network() -> None:
+    env = {k: _interpolate(v) for k, v in _environment("engagement-metrics").items()}
+    metrics_dir = env.get("ENGAGEMENT_METRICS_DIR")
+    assert metrics_dir, "engagement-metrics has no ENGAGEMENT_METRICS_DIR"
+    assert _command("engagement-metrics") == ["engagement", "metrics"], (
+        f"engagement-metrics runs {_command('engagement-metrics')}, not `engagement metrics`"
+    )
+    assert env.get("ENGAGEMENT_METRICS_HOST") == "0.0.0.0", (
+        "engagement-metrics listens on localhost only: Prometheus cannot scrape it"
+    )
+    assert not _services()["engagement-metrics"].get("ports"), (
+        "engagement-metrics publishes a host port; Prometheus scrapes it on the compose network"
+    )
+    # Runs execute in the code-location container: the exporter reads their files and must see
+    # their pids (it folds the files of processes that have ended).
+    volume = _mounts("engagement-metrics").get(metrics_dir)
+    assert volume in (_load_yaml(COMPOSE_FILE).get("volumes") or {}), (
+        f"engagement-metrics mounts no named volume at ENGAGEMENT_METRICS_DIR={metrics_dir}"
+    )
+    code_env = {k: _interpolate(v) for k, v in _environment("code-location").items()}
+    assert code_env.get("ENGAGEMENT_METRICS_DIR") == metrics_dir, (
+        "code-location writes its metric files elsewhere than engagement-metrics reads them"
+    )
+    assert _mounts("code-location").get(metrics_dir) == volume, (
+        f"code-location does not mount volume {volume!r} at {metrics_dir}"
+    )
+    assert _services()["engagement-metrics"].get("pid") == "service:code-location", (
+        "engagement-metrics does not share code-location's PID namespace: it would take every "
+        "run's metric files for those of ended processes and fold them away"
+    )
+    # An empty named volume takes the owner of its mount point in the image.
+    runs = " ; ".join(args for keyword, args in _dockerfile_instructions() if keyword == "RUN")
+    assert re.search(rf"mkdir[^;]*{re.escape(metrics_dir)}", runs) and re.search(
+        rf"chown[^;]*dagster:dagster[^;]*{re.escape(metrics_dir)}", runs
+    ), f"the image does not create {metrics_dir} owned by dagster, so runs could not write there"
+
+
+def test_prometheus_scrapes_the_exporter_with_the_shipped_config_and_rules() -> None:
+    mount = _bind_mount("prometheus", PROMETHEUS_DIR)
+    argv = _command("prometheus")
+    config_flags = [part.partition("=")[2] for part in argv if part.startswith("--config.file=")]
+    assert config_flags == [f"{mount}/prometheus.yml"], (
+        f"prometheus runs with {argv}, not --config.file={mount}/prometheus.yml"
+    )
+    config = _load_yaml(PROMETHEUS_DIR / "prometheus.yml")
+    targets = [
+        target
+        for job in config["scrape_configs"]
+        if job["job_name"] == "engagement"
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    ]
+    port = _environment("engagement-metrics").get(
+        "ENGAGEMENT_METRICS_PORT", str(Settings.model_fields["metrics_port"].default)
+    )
+    assert targets == [f"engagement-metrics:{port}"], (
+        f"job engagement scrapes {targets}, not the exporter at engagement-metrics:{port}"
+    )
+    depends_on = _services()["prometheus"].get("depends_on") or {}
+    assert "engagement-metrics" not in depends_on, (
+        "prometheus waits for engagement-metrics, so it could not alert that the exporter is down"
+    )
+
+
+def test_grafana_provisions_the_prometheus_datasource_and_the_dashboards() -> None:
+    datasources = _load_yaml(GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml")
+    providers = _load_yaml(GRAFANA_DIR / "provisioning" / "dashboards" / "engagement.yml")
+    for kind in ("datasources", "dashboards"):
+        target = _bind_mount("grafana", GRAFANA_DIR / "provisioning" / kind)
+        assert target == f"/etc/grafana/provisioning/{kind}", (
+            f"grafana mounts deploy/grafana/provisioning/{kind} at {target}, where Grafana does "
+            "not look for provisioning files"
+        )
+    (prometheus,) = [d for d in datasources["datasources"] if d["type"] == "prometheus"]
+    url = urlsplit(prometheus["url"])
+    assert url.hostname == "prometheus" and url.port == 9090, (
+        f"the Grafana datasource points at {prometheus['url']}, not the prometheus service"
+    )
+    assert prometheus.get("isDefault"), "the Prometheus datasource is not Grafana's default"
+    dashboards = _bind_mount("grafana", GRAFANA_DIR / "dashboards")
+    paths = [provider["options"]["path"] for provider in providers["providers"]]
+    assert paths == [dashboards], (
+        f"the dashboard provider reads {paths}, but the dashboards are mounted at {dashboards}"
+    )
+    home = _environment("grafana").get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        assert home.startswith(f"{dashboards}/"), f"home dashboard {home} is outside {dashboards}"
+        assert (GRAFANA_DIR / "dashboards" / home.removeprefix(f"{dashboards}/")).is_file(), (
+            f"home dashboard {home} is not in deploy/grafana/dashboards"
+        )
+    depends_on = _services()["grafana"].get("depends_on") or {}
+    assert "prometheus" in depends_on, "grafana does not start after prometheus"
+
+
+@pytest.mark.parametrize("service", MONITORING_SERVICES)
+def test_monitoring_services_keep_their_data_in_named_volumes(service: str) -> None:
+    declared = set(_load_yaml(COMPOSE_FILE).get("volumes") or {})
+    assert set(_mounts(service).values()) & declared, (
+        f"service {service!r} keeps its data in no named volume: lost with the container"
+    )
+    assert (_services()[service].get("healthcheck") or {}).get("test"), (
+        f"service {service!r} has no healthcheck"
     )
