@@ -373,6 +373,20 @@ class LatencyRun:
     probes: int
 
 
+def offer_traffic(
+    settings: Settings, options: TrafficOptions, stop: threading.Event
+) -> tuple[threading.Thread, list[TrafficReport]]:
+    """The generator in a started daemon thread; its report is in the list once it has ended
+    (the list stays empty if it failed: the error is in the log)."""
+    reports: list[TrafficReport] = []
+    thread = threading.Thread(
+        target=lambda: reports.append(run_traffic(settings.pg_dsn, options, stop=stop)),
+        daemon=True,
+    )
+    thread.start()
+    return thread, reports
+
+
 def measure_latency(
     settings: Settings,
     *,
@@ -389,17 +403,11 @@ def measure_latency(
     watchers = Watchers(settings, probes, lock)
     sinks = ("redis", "clickhouse", "kafka")
     stop_traffic = threading.Event()
-    traffic_report: list[TrafficReport] = []
     options = TrafficOptions(rate=rate, workers=workers, invalid_ratio=INVALID_RATIO)
-
-    def traffic() -> None:
-        traffic_report.append(run_traffic(settings.pg_dsn, options, stop=stop_traffic))
-
     user = str(uuid.uuid4())
     with watchers.running(sinks):
-        thread = threading.Thread(target=traffic, daemon=True)
         started_at = time.time()
-        thread.start()
+        thread, traffic_report = offer_traffic(settings, options, stop_traffic)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and thread.is_alive():
             probe = commit_probe(settings.pg_dsn, user)
@@ -554,6 +562,20 @@ def wait_for_slot_holder(settings: Settings, child: StreamChild, timeout_s: floa
     raise TimeoutError(f"the stream did not take slot {settings.slot} in {timeout_s:.0f}s")
 
 
+@contextmanager
+def tailing_stream(settings: Settings, log: Path) -> Iterator[StreamChild]:
+    """A stream child tailing the slot, from when it has applied a first probe (its sinks are
+    set up, so what is measured from here is the stream's steady work); killed at the end."""
+    child = StreamChild(log, until_caught_up=False)
+    try:
+        wait_for_slot_holder(settings, child)
+        warm_up = commit_probe(settings.pg_dsn, str(uuid.uuid4()))
+        _wait_for_redis(settings, warm_up.lsn, child)
+        yield child
+    finally:
+        child.kill()
+
+
 # ---------------------------------------------------------------------------------------------
 # Phases of `make bench`.
 # ---------------------------------------------------------------------------------------------
@@ -672,17 +694,11 @@ def steady(
     settings: Settings, log: Path, *, rate: float, seconds: float, workers: int, settle_s: float
 ) -> Steady:
     """The stream tailing at a steady offered load, probed from outside."""
-    child = StreamChild(log, until_caught_up=False)
-    try:
-        wait_for_slot_holder(settings, child)
-        warm_up = commit_probe(settings.pg_dsn, str(uuid.uuid4()))
-        _wait_for_redis(settings, warm_up.lsn, child)
+    with tailing_stream(settings, log) as child:
         run = measure_latency(
             settings, rate=rate, seconds=seconds, workers=workers, settle_s=settle_s
         )
         usage = child.stop()
-    finally:
-        child.kill()
     applied = clickhouse_applied(settings, run.started_at, run.stopped_at)
     return Steady(run, usage, applied)
 
@@ -1021,28 +1037,16 @@ def run_load(namespace: BenchNamespace, options: LoadOptions, say: Say) -> dict[
     samples: list[dict[str, float | int | None]] = []
     try:
         seed_content(settings.pg_dsn, 500, seed=1)
-        child = StreamChild(logs / "load.log", until_caught_up=False)
-        try:
-            wait_for_slot_holder(settings, child)
-            warm_up = commit_probe(settings.pg_dsn, str(uuid.uuid4()))
-            _wait_for_redis(settings, warm_up.lsn, child)  # sinks set up: RSS is the stream's
+        with tailing_stream(settings, logs / "load.log") as child:  # RSS is the stream's
             say(f"offering {options.rate:g} changes/s for {options.seconds:g}s")
-            stop = threading.Event()
-            reports: list[TrafficReport] = []
             traffic_options = TrafficOptions(
                 rate=options.rate,
                 duration_s=options.seconds,
                 workers=options.workers,
                 invalid_ratio=INVALID_RATIO,
             )
-            traffic = threading.Thread(
-                target=lambda: reports.append(
-                    run_traffic(settings.pg_dsn, traffic_options, stop=stop)
-                ),
-                daemon=True,
-            )
             started = time.monotonic()
-            traffic.start()
+            traffic, reports = offer_traffic(settings, traffic_options, threading.Event())
             while traffic.is_alive():
                 samples.append(_load_sample(settings, child, started))
                 say(f"  {samples[-1]}")
@@ -1053,8 +1057,6 @@ def run_load(namespace: BenchNamespace, options: LoadOptions, say: Say) -> dict[
             drain_s = _drain(settings, options.drain_timeout_s)
             samples.append(_load_sample(settings, child, started))
             usage = child.stop()
-        finally:
-            child.kill()
     finally:
         release_namespace(settings, namespace, keep_data=options.keep_data)
     if not reports:
