@@ -120,7 +120,8 @@ SINK_REPLAYS = Counter(
 )
 SINK_UP = Gauge(
     "engagement_sink_up",
-    "1 while the sink applies writes, 0 while its writes fail (live stream processes only).",
+    "1 while the sink applies writes, 0 while its writes fail or one hangs (over 2 s); live "
+    "stream processes only.",
     ["sink"],
     multiprocess_mode="livemostrecent",
 )
