@@ -272,54 +272,51 @@ def _last_rolled(ch: Client, window: Window, start: datetime) -> bool:
 # --- summaries --------------------------------------------------------------------------------
 
 
-def _summary_result(result: rollups.SummaryResult) -> dg.MaterializeResult:
-    return dg.MaterializeResult(
-        metadata={
-            "content_types": result.content_types,
-            "events": result.events,
-            "missing_10m_rollups": result.missing_windows,
-        }
+def _summary_asset(
+    period: rollups.Period, partitions_def: dg.PartitionsDefinition, description: str
+) -> dg.AssetsDefinition:
+    """clickhouse/{daily|weekly}_engagement_summary: the period replaced whole from the
+    10-minute rollups (lib/rollups.py `summarize`)."""
+    table, _ = rollups.SUMMARY_TABLE[period]
+
+    @dg.asset(
+        key=["clickhouse", table.removeprefix("engagement.")],
+        deps=[engagement_rollup_10m],
+        partitions_def=partitions_def,
+        group_name="windows",
+        kinds={"clickhouse"},
+        retry_policy=RETRY,
+        description=f"{table}: {description}",
+        metadata={"dagster/table_name": table},
     )
+    def summary(
+        context: dg.AssetExecutionContext, clickhouse: ClickHouseResource
+    ) -> dg.MaterializeResult:
+        dsn = clickhouse.settings.clickhouse_dsn
+        result = rollups.summarize(dsn, period, _window(context), first=_FIRST)
+        return dg.MaterializeResult(
+            metadata={
+                "content_types": result.content_types,
+                "events": result.events,
+                "missing_10m_rollups": result.missing_windows,
+            }
+        )
+
+    return summary
 
 
-@dg.asset(
-    key=["clickhouse", "daily_engagement_summary"],
-    deps=[engagement_rollup_10m],
-    partitions_def=daily_summary_partitions_def,
-    group_name="windows",
-    kinds={"clickhouse"},
-    retry_policy=RETRY,
-    description="engagement.daily_engagement_summary: per UTC day and content_type, from the "
-    "10-minute rollups; averages are sum/count, unique users merged; the day is replaced whole.",
-    metadata={"dagster/table_name": "engagement.daily_engagement_summary"},
+daily_engagement_summary = _summary_asset(
+    "day",
+    daily_summary_partitions_def,
+    "per UTC day and content_type, from the 10-minute rollups; averages are sum/count, unique "
+    "users merged; the day is replaced whole.",
 )
-def daily_engagement_summary(
-    context: dg.AssetExecutionContext, clickhouse: ClickHouseResource
-) -> dg.MaterializeResult:
-    start = _window(context)
-    return _summary_result(
-        rollups.summarize(clickhouse.settings.clickhouse_dsn, "day", start, first=_FIRST)
-    )
-
-
-@dg.asset(
-    key=["clickhouse", "weekly_engagement_summary"],
-    deps=[engagement_rollup_10m],
-    partitions_def=weekly_summary_partitions_def,
-    group_name="windows",
-    kinds={"clickhouse"},
-    retry_policy=RETRY,
-    description="engagement.weekly_engagement_summary: per ISO week (Monday 00:00 UTC) and "
-    "content_type, from the 10-minute rollups; averages are sum/count, unique users merged.",
-    metadata={"dagster/table_name": "engagement.weekly_engagement_summary"},
+weekly_engagement_summary = _summary_asset(
+    "week",
+    weekly_summary_partitions_def,
+    "per ISO week (Monday 00:00 UTC) and content_type, from the 10-minute rollups; averages are "
+    "sum/count, unique users merged.",
 )
-def weekly_engagement_summary(
-    context: dg.AssetExecutionContext, clickhouse: ClickHouseResource
-) -> dg.MaterializeResult:
-    start = _window(context)
-    return _summary_result(
-        rollups.summarize(clickhouse.settings.clickhouse_dsn, "week", start, first=_FIRST)
-    )
 
 
 # --- jobs and sensors -------------------------------------------------------------------------
