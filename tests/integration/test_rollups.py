@@ -27,13 +27,11 @@ from engagement_dagster.assets.rollups import (
 )
 from engagement_dagster.definitions import defs
 from engagement_dagster.lib.clickhouse import clickhouse_client
-from engagement_dagster.lib.pipeline import build_stream
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.redis import read_window
 from engagement_dagster.lib.source_db import connect
-from engagement_dagster.lib.stream import StreamOptions
 from engagement_dagster.lib.windows import Window, window_start, window_top_key
-from tests.support import VALID_EVENT
+from tests.support import VALID_EVENT, drain
 
 TTL_10M = 4321  # set through the environment below: the TTLs are configuration
 A, B, C, UNKNOWN = (str(uuid.uuid4()) for _ in range(4))
@@ -98,12 +96,6 @@ def event(dsn: str, content_id: str, user_id: str, at: datetime, duration_ms: in
         row = cur.fetchone()
     assert row is not None
     return int(row[0])
-
-
-def drain(settings: Settings) -> None:
-    stream = build_stream(settings, StreamOptions(linger_seconds=0, run_seconds=120))
-    report = stream.run()
-    assert report.caught_up and not any(report.sink_errors.values()), report
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +292,7 @@ def test_rollups_windows_and_summaries_equal_postgres(
         assert checks_passed(result) == {
             "rollup_matches_enriched": True,
             "redis_windows_match_rollups": True,
+            "window_reconciles_across_sinks": True,
         }
     run_summaries(instance)
     assert_everything_equals_postgres(rollup_db)
