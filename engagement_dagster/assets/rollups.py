@@ -77,6 +77,13 @@ def _wait_until_closed(context: dg.AssetExecutionContext, start: datetime, laten
         time.sleep(wait_s)
 
 
+# A window is rolled up 12 minutes after it starts (10 + lateness) and the sensor ticks every
+# 30 s: no new window for 30 minutes means the rollups stopped (sensor off, runs failing).
+ROLLUP_FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=timedelta(minutes=30), warn_window=timedelta(minutes=20)
+)
+
+
 @dg.asset(
     key=ROLLUP_KEY,
     deps=[ENRICHED_KEY],
@@ -84,6 +91,7 @@ def _wait_until_closed(context: dg.AssetExecutionContext, start: datetime, laten
     group_name="windows",
     kinds={"clickhouse"},
     retry_policy=RETRY,
+    freshness_policy=ROLLUP_FRESHNESS,
     description="engagement.engagement_rollup_10m: one 10-minute window per content and "
     "content_type from enriched_engagements FINAL, replaced idempotently once the window closed "
     "(end + ENGAGEMENT_ROLLUP_LATENESS_SECONDS). Also scans for changes that reached "
@@ -147,6 +155,7 @@ def windows_to_rewrite(
 
 @dg.asset(
     key=WINDOWS_KEY,
+    freshness_policy=ROLLUP_FRESHNESS,
     deps=[engagement_rollup_10m],
     partitions_def=rollup_10m_partitions_def,
     group_name="windows",

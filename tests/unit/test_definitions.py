@@ -107,3 +107,7 @@ def test_sink_assets_have_freshness_policies() -> None:
         policy = graph.get(dg.AssetKey(key)).freshness_policy
         assert policy is not None, key
         assert policy.fail_window.to_timedelta().total_seconds() == 300, key
+    for key in (["clickhouse", "engagement_rollup_10m"], ["redis", "engagement_windows"]):
+        policy = graph.get(dg.AssetKey(key)).freshness_policy
+        assert policy is not None, key
+        assert policy.fail_window.to_timedelta().total_seconds() == 1800, key
