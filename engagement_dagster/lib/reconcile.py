@@ -41,7 +41,7 @@ import polars as pl
 import psycopg2.extensions
 import redis
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from engagement_dagster.lib import rollups
 from engagement_dagster.lib.backfill import DAY_WHERE, EVENTS_COPY
@@ -60,8 +60,8 @@ from engagement_dagster.lib.pgoutput import format_lsn, parse_lsn
 from engagement_dagster.lib.pipeline import enrich_rules, kafka_sink
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.kafka import KafkaSink
-from engagement_dagster.lib.sinks.kafka_confluent import ConfluentKafkaSink
-from engagement_dagster.lib.sinks.kafka_contract import KafkaTopics, checkpoint_key, checkpoint_lsn
+from engagement_dagster.lib.sinks.kafka_confluent import ConfluentKafkaSink, last_checkpoint
+from engagement_dagster.lib.sinks.kafka_contract import KafkaTopics
 from engagement_dagster.lib.sinks.redis import read_checkpoint as read_redis_checkpoint
 from engagement_dagster.lib.sinks.redis import read_window
 from engagement_dagster.lib.source_db import connect
@@ -394,27 +394,16 @@ def read_kafka_checkpoint(targets: ReconcileTargets, timeout_s: float) -> int:
     only: the confluent sink's own read initialises its producer, which would fence the live
     stream's."""
     consumer = _consumer(targets.kafka_config, "checkpoint", **{"fetch.wait.max.ms": 10})
-    key = checkpoint_key(targets.kafka_transactional_id)
     try:
         if not _partitions(consumer, targets.checkpoint_topic, timeout_s):
             return 0
-        consumer.assign([TopicPartition(targets.checkpoint_topic, 0, OFFSET_BEGINNING)])
-        deadline = time.monotonic() + timeout_s
-        lsn = 0
-        while time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is None:
-                continue
-            error = message.error()
-            if error is not None and error.code() == KafkaError._PARTITION_EOF:
-                return lsn
-            if error is not None:
-                raise KafkaException(error)
-            value = message.value()
-            if message.key() == key and value:
-                lsn = checkpoint_lsn(value)
+        lsn = last_checkpoint(
+            consumer, targets.checkpoint_topic, targets.kafka_transactional_id, timeout_s
+        )
     finally:
         consumer.close()
+    if lsn is not None:
+        return lsn
     raise ReconcileError(
         f"kafka: the end of {targets.checkpoint_topic} was not reached within {timeout_s:.0f} s; "
         f"is the broker at {targets.kafka_config.get('bootstrap.servers')} up?"

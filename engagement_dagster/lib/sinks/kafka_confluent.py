@@ -63,6 +63,31 @@ class KafkaSinkError(RuntimeError):
     """A Kafka call of the sink failed or timed out; the stream retries the batch with backoff."""
 
 
+def last_checkpoint(
+    consumer: Consumer, topic: str, transactional_id: str, timeout_s: float
+) -> int | None:
+    """The LSN of the producer's newest checkpoint record in the compacted `topic` (0: none),
+    read from the start to the committed end by a read_committed consumer with partition EOF
+    on; None when the end was not reached within timeout_s."""
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    key = checkpoint_key(transactional_id)
+    deadline = time.monotonic() + timeout_s
+    lsn = 0
+    while time.monotonic() < deadline:
+        message = consumer.poll(0.5)  # (consume() would wait out its timeout every time)
+        if message is None:
+            continue
+        error = message.error()
+        if error is not None and error.code() == KafkaError._PARTITION_EOF:
+            return lsn
+        if error is not None:
+            raise KafkaException(error)
+        value = message.value()
+        if message.key() == key and value:
+            lsn = checkpoint_lsn(value)
+    return None
+
+
 class ConfluentKafkaSink(Sink):
     """The Kafka sink with a confluent-kafka transactional producer (see module docstring)."""
 
@@ -148,27 +173,15 @@ class ConfluentKafkaSink(Sink):
             }
         )
         try:
-            consumer.assign([TopicPartition(self.topics.checkpoint, 0, OFFSET_BEGINNING)])
-            return self._last_checkpoint(consumer)
+            lsn = last_checkpoint(
+                consumer, self.topics.checkpoint, self.transactional_id, self.timeout_s
+            )
+        except KafkaException as exc:
+            raise self._error("reading the checkpoint failed", exc) from exc
         finally:
             consumer.close()
-
-    def _last_checkpoint(self, consumer: Consumer) -> int:
-        key = checkpoint_key(self.transactional_id)
-        deadline = time.monotonic() + self.timeout_s
-        lsn = 0
-        while time.monotonic() < deadline:
-            message = consumer.poll(0.5)  # (consume() would wait out its timeout every time)
-            if message is None:
-                continue
-            error = message.error()
-            if error is not None and error.code() == KafkaError._PARTITION_EOF:
-                return lsn
-            if error is not None:
-                raise self._error("reading the checkpoint failed", KafkaException(error))
-            value = message.value()
-            if message.key() == key and value:
-                lsn = checkpoint_lsn(value)
+        if lsn is not None:
+            return lsn
         raise KafkaSinkError(
             f"sink kafka: the end of {self.topics.checkpoint} was not reached within "
             f"{self.timeout_s:.0f} s; is the broker at {self.config.get('bootstrap.servers')} up?"
