@@ -119,6 +119,7 @@ EVENT_COLUMNS = [
     (1, "raw_payload", 3802),
 ]
 EVENT_NAMES = tuple(name for _, name, _ in EVENT_COLUMNS)
+EVENT_TYPES = tuple(type_oid for _, _, type_oid in EVENT_COLUMNS)
 CONTENT_COLUMNS = [(1, "id", 2950), (0, "slug", 25), (0, "title", 25)]
 PAYLOAD = '{"locale": "fr-FR", "referrer": "home_feed", "session_id": "9f2c4e7a1b3d5f60"}'
 EVENT_ROW: tuple[str | None, ...] = (
@@ -380,6 +381,7 @@ def test_a_transaction_is_returned_at_its_commit() -> None:
         TS,
         "public",
         EVENTS_OID,
+        EVENT_TYPES,
     )
     assert ins.qualified_table == "public.engagement_events"
     # The unchanged TOASTed payload is taken from the full old row...
@@ -419,6 +421,7 @@ def test_assembled_changes_are_ordinary_frozen_changes() -> None:
         commit_ts=TS,
         namespace="public",
         relation_oid=EVENTS_OID,
+        column_types=EVENT_TYPES,
     )
     assert change == expected
     assert (repr(change), hash(change)) == (repr(expected), hash(expected))
@@ -457,6 +460,27 @@ def test_a_new_relation_message_replaces_the_cached_one() -> None:
     assert second.changes[0].columns == ("id", "slug", "title", "extra")
     assert second.changes[0].new == ("c2", "s", "t", "7")
     assert assembler.relations[CONTENT_OID].column_names == ("id", "slug", "title", "extra")
+
+
+def test_a_relation_message_inside_a_transaction_applies_to_the_changes_after_it() -> None:
+    """ALTER TABLE inside a transaction: the server sends the new Relation between two changes
+    of one transaction; each change keeps the columns and types it was written with."""
+    retyped = [(f, n, 20 if n == "duration_ms" else t) for f, n, t in EVENT_COLUMNS]
+    (txn,) = feed_all(
+        TransactionAssembler(),
+        begin(),
+        relation(EVENTS_OID, "engagement_events", EVENT_COLUMNS),
+        insert(EVENTS_OID, *EVENT_ROW),
+        relation(EVENTS_OID, "engagement_events", [*retyped, (1, "country", 25)]),
+        update(EVENTS_OID, (*EVENT_ROW, "FR"), (*EVENT_ROW, None), b"O"),
+        commit(),
+    )
+    before, after = txn.changes
+    assert (before.columns, before.column_types) == (EVENT_NAMES, EVENT_TYPES)
+    assert after.columns == (*EVENT_NAMES, "country")
+    assert after.column_types == (*(t for _, _, t in retyped), 25)
+    assert after.column_types[EVENT_NAMES.index("duration_ms")] == 20
+    assert after.old == (*EVENT_ROW, None) and after.new == (*EVENT_ROW, "FR")
 
 
 def test_origin_type_and_messages_are_kept() -> None:
