@@ -123,6 +123,9 @@ REASON_NULL_EVENT_TS = "null_event_ts"
 REASON_FUTURE_EVENT_TS = "future_event_ts"
 REASON_NEGATIVE_DURATION = "negative_duration"
 REASON_UNKNOWN_EVENT_TYPE = "unknown_event_type"
+# Not one of the per-image reasons below: the stream decides it per version of the table, before
+# enrichment, when a column the rows need is missing or retyped (lib/event_schema.py).
+REASON_SCHEMA_MISMATCH = "schema_mismatch"
 
 # The order in which reasons are tried; a dead letter carries the first that applies. Decoding
 # comes first: when a field does not parse, the checks that read it would only report a symptom

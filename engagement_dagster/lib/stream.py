@@ -8,9 +8,11 @@ when it comes back it catches up from the slot. Nothing here imports Dagster.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -28,6 +30,7 @@ from engagement_dagster.lib.enrich import (
     CHANGES_SCHEMA,
     DEAD_LETTERS_SCHEMA,
     IMAGE_COLUMNS,
+    REASON_SCHEMA_MISMATCH,
     ContentVersion,
     EnrichRules,
     content_versions,
@@ -35,7 +38,8 @@ from engagement_dagster.lib.enrich import (
     enrich,
     fold_content_versions,
 )
-from engagement_dagster.lib.pgoutput import Transaction
+from engagement_dagster.lib.event_schema import EventShape, content_mismatch, event_shape
+from engagement_dagster.lib.pgoutput import Change, Transaction
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
 from engagement_dagster.lib.source_db import connect, successor_waiting
 
@@ -517,13 +521,13 @@ class Stream:
         return batch
 
     def _process(self, transactions: list[Transaction]) -> None:
-        changes, versions, truncates = self._frames(transactions)
+        changes, versions, letters = self._frames(transactions)
         content = content_versions(self._content, versions)
         enriched = enrich(changes, content, self.rules)
         self._content = fold_content_versions(content)
         dead_letters = enriched.dead_letters
-        if truncates:
-            dead_letters = pl.concat([dead_letters, _truncate_letters(truncates)])
+        if letters:
+            dead_letters = pl.concat([dead_letters, _stream_letters(letters)])
         batch = SinkBatch(
             last_lsn=transactions[-1].commit_lsn,
             rows=enriched.rows,
@@ -547,22 +551,30 @@ class Stream:
 
     def _frames(
         self, transactions: list[Transaction]
-    ) -> tuple[pl.DataFrame, list[ContentVersion], list[tuple[Transaction, str]]]:
-        """The batch's event changes as text columns, its content versions, its truncates."""
+    ) -> tuple[pl.DataFrame, list[ContentVersion], list[_Letter]]:
+        """The batch's event changes as text columns, its content versions, and the dead letters
+        decided here: truncates, and event changes whose table version lacks a column the rows
+        need (schema_mismatch: delivered as dead letters in this batch, never dropped)."""
         ops: list[str] = []
         lsns: list[int] = []
         commits: list[datetime] = []
         image: list[list[str | None]] = [[] for _ in EVENT_COLUMNS]
         old: list[list[str | None]] = [[] for _ in EVENT_COLUMNS]
         versions: list[ContentVersion] = []
-        truncates: list[tuple[Transaction, str]] = []
+        letters: list[_Letter] = []
         width = len(EVENT_COLUMNS)
+        columns: tuple[str, ...] | None = None  # the relation version `shape` was read for
+        types: tuple[int, ...] | None = None
+        shape = _shape(EVENT_COLUMNS, ())  # replaced at the first event change
         for transaction in transactions:
             for change in transaction.changes:
                 if change.op == "truncate":
-                    truncates.append((transaction, change.table))
+                    raw = f'{{"op": "truncate", "table": "{change.table}"}}'
+                    lsn, at = transaction.commit_lsn, transaction.commit_ts
+                    letters.append((lsn, None, "truncate", "truncate", raw, at))
                     continue
                 if change.table == CONTENT_TABLE:
+                    _check_content_shape(change)
                     new_row = _text_row(change.columns, change.new or change.old)
                     old_row = _text_row(change.columns, change.old) if change.old else None
                     versions.extend(
@@ -573,7 +585,14 @@ class Stream:
                     continue
                 if change.table != EVENTS_TABLE:
                     continue
-                positions = _positions(change.columns)
+                # One relation version's changes share their tuples: compared by identity.
+                if change.columns is not columns or change.column_types is not types:
+                    columns, types = change.columns, change.column_types
+                    shape = _shape(columns, types)
+                if shape.mismatch is not None:
+                    letters.append(_mismatch_letter(transaction, change))
+                    continue
+                positions = shape.positions
                 main = change.new if change.op != "delete" else change.old
                 prior = change.old if change.op != "insert" else None
                 for i in range(width):
@@ -592,7 +611,7 @@ class Stream:
         for i, name in enumerate(EVENT_COLUMNS):
             data[name] = pl.Series(name, image[i], dtype=pl.String)
             data[f"old_{name}"] = pl.Series(f"old_{name}", old[i], dtype=pl.String)
-        return pl.DataFrame(data).select(CHANGES_SCHEMA.names()), versions, truncates
+        return pl.DataFrame(data).select(CHANGES_SCHEMA.names()), versions, letters
 
     def _replay_from_slot(self) -> None:
         """Re-read the slot from the lowest checkpoint; sinks skip what they already have."""
@@ -659,7 +678,10 @@ def _observe_batch(
     metrics.STREAM_READ_LSN.set(transactions[-1].commit_lsn)
     for op, count in changes.group_by("op").len().iter_rows():
         metrics.CHANGES_READ.labels(EVENTS_TABLE, op).inc(count)
-    others = total - changes.height
+    mismatched = dead_letters.filter(pl.col("reason") == REASON_SCHEMA_MISMATCH)
+    for op, count in mismatched.group_by("op").len().iter_rows():
+        metrics.CHANGES_READ.labels(EVENTS_TABLE, op).inc(count)
+    others = total - changes.height - mismatched.height
     if others:  # content changes and truncates: rare, counted one by one
         for transaction in transactions:
             for change in transaction.changes:
@@ -706,29 +728,82 @@ def _text_row(columns: tuple[str, ...], values: tuple[object, ...] | None) -> di
     }
 
 
-_POSITIONS: dict[tuple[str, ...], tuple[int, ...]] = {}
+# Versions of the source tables seen by this process (a Relation message each; the server
+# resends one after ALTER TABLE, TRUNCATE and at every connection): each is said once.
+_SHAPES: dict[tuple[tuple[str, ...], tuple[int, ...]], EventShape] = {}
+_CONTENT_SHAPES: set[tuple[tuple[str, ...], tuple[int, ...]]] = set()
+SCHEMA_HELP = "README.md, 'Schema evolution'"
 
 
-def _positions(columns: tuple[str, ...]) -> tuple[int, ...]:
-    """Where each EVENT_COLUMNS column sits in a relation's columns (-1 when absent)."""
-    found = _POSITIONS.get(columns)
-    if found is None:
-        index = {name: i for i, name in enumerate(columns)}
-        found = tuple(index.get(name, -1) for name in EVENT_COLUMNS)
-        _POSITIONS[columns] = found
-    return found
+def _shape(columns: tuple[str, ...], types: tuple[int, ...]) -> EventShape:
+    """How to read one version of engagement_events (lib/event_schema.py); logged the first
+    time a version other than `engagement db init`'s is seen."""
+    shape = _SHAPES.get((columns, types))
+    if shape is None:
+        shape = _SHAPES[(columns, types)] = event_shape(columns, types)
+        if shape.mismatch is not None:
+            log.error(
+                "schema mismatch: %s. Until it is fixed every change of %s is a dead letter "
+                "(reason %s) and the stream goes on; the changes made meanwhile are recovered "
+                "as %s says",
+                shape.mismatch, EVENTS_TABLE, REASON_SCHEMA_MISMATCH, SCHEMA_HELP,
+            )  # fmt: skip
+        elif shape.ignored:
+            log.warning(
+                "%s has columns the enriched contract does not carry: %s. Enrichment ignores "
+                "them and every change is still delivered (%s)",
+                EVENTS_TABLE, ", ".join(shape.ignored), SCHEMA_HELP,
+            )  # fmt: skip
+    return shape
 
 
-def _truncate_letters(truncates: list[tuple[Transaction, str]]) -> pl.DataFrame:
-    """TRUNCATE cannot be replayed row by row: record it where operators look."""
-    return pl.DataFrame(
-        {
-            "source_lsn": [t.commit_lsn for t, _ in truncates],
-            "event_id": [None for _ in truncates],
-            "reason": ["truncate" for _ in truncates],
-            "op": ["truncate" for _ in truncates],
-            "raw_change": [f'{{"op": "truncate", "table": "{table}"}}' for _, table in truncates],
-            "source_committed_at": [t.commit_ts for t, _ in truncates],
-        },
-        schema=DEAD_LETTERS_SCHEMA,
+def _check_content_shape(change: Change) -> None:
+    """Content is reference data: a missing or retyped field leaves it NULL in the rows (as for
+    unknown content), never a dead letter; said once per version of the table."""
+    key = (change.columns, change.column_types)
+    if key in _CONTENT_SHAPES:
+        return
+    _CONTENT_SHAPES.add(key)
+    mismatch = content_mismatch(*key)
+    if mismatch is not None:
+        log.error(
+            "schema mismatch: %s. Events keep flowing with the content fields it gives NULL "
+            "(%s)", mismatch, SCHEMA_HELP,
+        )  # fmt: skip
+
+
+_INT64 = re.compile(r"^-?[0-9]{1,19}$")
+# A dead letter the stream decides itself: (source_lsn, event_id, reason, op, raw_change,
+# source_committed_at), in DEAD_LETTERS_SCHEMA order.
+_Letter = tuple[int, int | None, str, str, str, datetime]
+
+
+def _mismatch_letter(transaction: Transaction, change: Change) -> _Letter:
+    """A change of a table version the rows cannot be built from, kept whole: `op`, then every
+    column of its relation by name (the image: NEW, or OLD for a delete) and `old_<name>` (the
+    OLD image), as text, the shape lib/enrich.py gives its dead letters' raw changes."""
+    main = change.new if change.op != "delete" else change.old
+    prior = change.old if change.op != "insert" else None
+    raw: dict[str, str | None] = {"op": change.op}
+    for i, name in enumerate(change.columns):
+        raw[name] = _text(main[i]) if main is not None else None
+    for i, name in enumerate(change.columns):
+        raw[f"old_{name}"] = _text(prior[i]) if prior is not None else None
+    id_text = raw.get("id")  # absent when the id column is what went missing
+    event_id = int(id_text) if id_text is not None and _INT64.match(id_text) else None
+    if event_id is not None and not -(2**63) <= event_id < 2**63:
+        event_id = None
+    return (
+        transaction.commit_lsn,
+        event_id,
+        REASON_SCHEMA_MISMATCH,
+        change.op,
+        json.dumps(raw, ensure_ascii=False, separators=(",", ":")),
+        transaction.commit_ts,
     )
+
+
+def _stream_letters(letters: list[_Letter]) -> pl.DataFrame:
+    """TRUNCATE cannot be replayed row by row, nor a change the rows cannot be built from:
+    record them where operators look."""
+    return pl.DataFrame(letters, schema=DEAD_LETTERS_SCHEMA, orient="row")
