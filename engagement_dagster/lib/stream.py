@@ -574,7 +574,8 @@ class Stream:
                     letters.append((lsn, None, "truncate", "truncate", raw, at))
                     continue
                 if change.table == CONTENT_TABLE:
-                    _check_content_shape(change)
+                    if not _content_readable(change):
+                        continue
                     new_row = _text_row(change.columns, change.new or change.old)
                     old_row = _text_row(change.columns, change.old) if change.old else None
                     versions.extend(
@@ -757,19 +758,20 @@ def _shape(columns: tuple[str, ...], types: tuple[int, ...]) -> EventShape:
     return shape
 
 
-def _check_content_shape(change: Change) -> None:
-    """Content is reference data: a missing or retyped field leaves it NULL in the rows (as for
-    unknown content), never a dead letter; said once per version of the table."""
+def _content_readable(change: Change) -> bool:
+    """Content is reference data: a missing or retyped field is NULL in the rows (as for unknown
+    content), never a dead letter; without an id a change names no content and is skipped.
+    Said once per version of the table."""
     key = (change.columns, change.column_types)
-    if key in _CONTENT_SHAPES:
-        return
-    _CONTENT_SHAPES.add(key)
-    mismatch = content_mismatch(*key)
-    if mismatch is not None:
-        log.error(
-            "schema mismatch: %s. Events keep flowing with the content fields it gives NULL "
-            "(%s)", mismatch, SCHEMA_HELP,
-        )  # fmt: skip
+    if key not in _CONTENT_SHAPES:
+        _CONTENT_SHAPES.add(key)
+        mismatch = content_mismatch(*key)
+        if mismatch is not None:
+            log.error(
+                "schema mismatch: %s. Events keep flowing with the content fields it gives NULL; "
+                "content changes without an id are skipped (%s)", mismatch, SCHEMA_HELP,
+            )  # fmt: skip
+    return "id" in change.columns
 
 
 _INT64 = re.compile(r"^-?[0-9]{1,19}$")

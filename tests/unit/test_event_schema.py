@@ -254,3 +254,38 @@ def test_one_batch_across_add_column_drop_and_restore(caplog: pytest.LogCaptureF
     caplog.clear()
     frames(transactions)  # the same versions again (a replay, a reconnect): said once only
     assert caplog.records == []
+
+
+def test_content_that_lost_a_column_leaves_its_fields_null(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Content is reference data: its events stay valid with NULL content fields (as for unknown
+    content), a content change without an id is skipped, and the error is said once."""
+    content_oid, renamed = 16_390, f"kind_{uuid.uuid4().hex[:8]}"
+    columns = [(1, "id", 2950), (0, renamed, TEXT), (0, "length_seconds", 23)]
+    no_id = [(1, "ref", 2950), (0, "content_type", TEXT), (0, "length_seconds", 23)]
+    caplog.set_level(logging.WARNING, logger="engagement.stream")
+    transactions = assembled(
+        begin(),
+        relation(content_oid, "content", columns, b"d"),
+        insert(content_oid, CONTENT, "video", "300"),
+        relation(EVENTS_OID, "engagement_events", EVENT_COLUMNS),
+        insert(EVENTS_OID, *row(1)),
+        relation(content_oid, "content", no_id, b"d"),
+        insert(content_oid, "0b9f0b1e-0000-4000-8000-000000000002", "video", "10"),
+        commit(),
+    )
+    stream = Stream(dsn="postgresql://unused", slot="unused", publication="unused", sinks=[])
+    changes, versions, letters = stream._frames(transactions)
+    assert [(v.content_id, v.content_type, v.length_seconds) for v in versions] == [
+        (CONTENT, None, 300)
+    ]
+    assert changes.height == 1 and letters == []
+    batch = enrich(changes, content_versions([], versions))
+    assert batch.rows.select("content_type", "length_seconds", "engagement_pct").rows() == [
+        (None, 300, 10.0)
+    ]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert said[0].startswith("schema mismatch: content has no column content_type")
+    assert said[1].startswith("schema mismatch: content has no column id")
