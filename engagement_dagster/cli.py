@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from engagement_dagster.lib.settings import get_settings
 
@@ -66,7 +67,8 @@ def services_status() -> None:
     table.add_column("detail", overflow="fold")
     for health in results:
         state = "[green]healthy[/green]" if health.healthy else "[red]unhealthy[/red]"
-        table.add_row(health.system, state, health.detail)
+        # Text, not markup: a detail quotes server messages such as "[FATAL: ...]".
+        table.add_row(health.system, state, Text(health.detail))
     console.print(table)
     sys.exit(0 if all(h.healthy for h in results) else 1)
 

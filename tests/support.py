@@ -171,11 +171,10 @@ def postgres_board(dsn: str) -> dict[str, tuple[float, int]]:
 
 
 def redis_board(url: str) -> dict[str, tuple[float, int]]:
-    import redis
-
+    from engagement_dagster.lib.secure import redis_client
     from engagement_dagster.lib.sinks.redis import TOP_EVENTS, TOP_SECONDS
 
-    client = redis.Redis.from_url(url, decode_responses=True)
+    client = redis_client(url, decode_responses=True)
     try:
         seconds = dict(client.zrange(TOP_SECONDS, 0, -1, withscores=True))
         events = dict(client.zrange(TOP_EVENTS, 0, -1, withscores=True))

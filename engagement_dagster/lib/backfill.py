@@ -53,6 +53,7 @@ from engagement_dagster.lib.enrich import (
 )
 from engagement_dagster.lib.kafka_config import kafka_client_config
 from engagement_dagster.lib.pgoutput import format_lsn, parse_lsn
+from engagement_dagster.lib.secure import pg_connect
 from engagement_dagster.lib.settings import Settings, validate_identifier
 from engagement_dagster.lib.sinks.base import SinkBatch
 from engagement_dagster.lib.sinks.clickhouse import ClickHouseSink, insertable
@@ -190,7 +191,7 @@ def source_snapshot(dsn: str, *, slot: str | None = None) -> Iterator[SourceSnap
     """
     name = slot or f"engagement_backfill_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     validate_identifier(name)
-    conn = psycopg2.connect(
+    conn = pg_connect(
         dsn,
         connection_factory=psycopg2.extras.LogicalReplicationConnection,
         options="-c TimeZone=UTC -c DateStyle=ISO",

@@ -30,7 +30,6 @@ from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import psycopg2.extensions
-import redis
 from psycopg2 import sql
 from rich.table import Table
 
@@ -44,6 +43,7 @@ from engagement_dagster.lib.generator import (
 )
 from engagement_dagster.lib.kafka_config import kafka_client_config
 from engagement_dagster.lib.pgoutput import parse_lsn
+from engagement_dagster.lib.secure import redis_client
 from engagement_dagster.lib.settings import PROJECT_ROOT, Settings, get_settings
 from engagement_dagster.lib.sinks.kafka_contract import CHECKPOINT_TOPIC, checkpoint_lsn
 from engagement_dagster.lib.sinks.redis import CHECKPOINT_KEY
@@ -154,7 +154,7 @@ def reset_namespace(settings: Settings, namespace: BenchNamespace) -> None:
     """A fresh database (schema, publication, slot), Redis db and chDB: every run alike."""
     _drop_database(settings, namespace)
     init_source(settings.pg_dsn, slot=settings.slot, publication=settings.publication)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url, settings=settings)
     client.flushdb()
     client.close()
     for scratch in ("clickhouse", "backfill_clickhouse", "dagster"):
@@ -284,7 +284,7 @@ class Watchers:
                     probe.seen[sink] = now
 
     def redis(self) -> None:
-        client = redis.Redis.from_url(self.settings.redis_url)
+        client = redis_client(self.settings.redis_url, settings=self.settings)
         last_value = None
         while not self.stop.is_set():
             value = int(client.get(CHECKPOINT_KEY) or 0)
@@ -640,7 +640,7 @@ class CatchUp:
 
 def catch_up(settings: Settings, log: Path, timeout_s: float = 3600) -> CatchUp:
     """`engagement stream --until-caught-up` on the backlog, from spawn to its exit."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url, settings=settings)
     before = int(client.get(CHECKPOINT_KEY) or 0)
     child = StreamChild(log, until_caught_up=True)
     first_batch_s = None
@@ -706,7 +706,7 @@ def steady(
 def _wait_for_redis(
     settings: Settings, lsn: int, child: StreamChild, timeout_s: float = 120
 ) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url, settings=settings)
     deadline = time.monotonic() + timeout_s
     try:
         while int(client.get(CHECKPOINT_KEY) or 0) < lsn:
@@ -1103,7 +1103,7 @@ def _load_sample(settings: Settings, child: StreamChild, started: float) -> dict
 def _drain(settings: Settings, timeout_s: float) -> float | None:
     """Seconds until Redis holds everything committed so far (None: not within timeout_s)."""
     target = commit_probe(settings.pg_dsn, str(uuid.uuid4())).lsn
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url, settings=settings)
     started = time.monotonic()
     try:
         while time.monotonic() - started < timeout_s:

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, get_args
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import redis
@@ -21,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from engagement_dagster.lib.secure import redact, redis_client
 from engagement_dagster.lib.sinks.redis import TOP_EVENTS, TOP_SECONDS, WINDOW_S
 from engagement_dagster.lib.source_db import connect
 from engagement_dagster.lib.windows import (
@@ -199,13 +199,6 @@ def read_board(
     start = window_start(window, read_at)
     data = fetch_window(client, window, start)
     return build_board(data, window=window, by=by, limit=limit, read_at=read_at, start=start)
-
-
-def _without_password(url: str) -> str:
-    parsed = urlsplit(url)
-    if parsed.password is None:
-        return url
-    return urlunsplit(parsed._replace(netloc=parsed.netloc.replace(parsed.password, "***")))
 
 
 def _str(value: bytes | str) -> str:
@@ -411,7 +404,7 @@ def show_top(
 
     Returns the exit code: 0, or 1 when Redis cannot be read (with the fix in the message).
     """
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=3)
+    client = redis_client(redis_url, socket_timeout=5, socket_connect_timeout=3)
     titles = ContentTitles(pg_dsn)
     failed = False
 
@@ -422,7 +415,7 @@ def show_top(
         except redis.RedisError as exc:
             failed = True
             return Text(
-                f"cannot read the board from Redis at {_without_password(redis_url)}: {exc}; "
+                f"cannot read the board from Redis at {redact(redis_url)}: {exc}; "
                 "check it with `engagement services status`",
                 style="red",
             )

@@ -16,6 +16,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from engagement_dagster.lib.pgoutput import Transaction, TransactionAssembler, format_lsn
+from engagement_dagster.lib.secure import pg_connect
 
 
 class SlotBusy(RuntimeError):
@@ -46,7 +47,8 @@ class ChangeCursor:
 
     def open(self, start_lsn: int = 0) -> None:
         """Start streaming from the slot's confirmed position (or start_lsn when later)."""
-        conn = psycopg2.connect(
+        # TLS and password as every connection (lib/secure.py); a refusal says which setting.
+        conn = pg_connect(
             self.dsn,
             connection_factory=psycopg2.extras.LogicalReplicationConnection,
             # Text output of timestamptz in UTC: the enrichment parses '...+00'.

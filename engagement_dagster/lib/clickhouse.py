@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from engagement_dagster.lib.secure import clickhouse_server_args
+
 
 class ClickHouseLockTimeout(TimeoutError):
     """Another process held the embedded database for longer than we were willing to wait."""
@@ -84,7 +86,7 @@ def clickhouse_client(dsn: str, *, lock_timeout_s: float = 60.0) -> Iterator[Cli
     """A client for one short section of work; closed (and the chDB lock released) on exit."""
     path = chdb_path(dsn)
     if path is None:
-        client = clickhouse_connect.get_client(dsn=dsn)
+        client = clickhouse_connect.get_client(**clickhouse_server_args(dsn))
         try:
             yield client
         finally:
@@ -147,7 +149,7 @@ class ClickHouseSession:
 
     def _open(self, lock_timeout_s: float = 60.0) -> None:
         if self.path is None:
-            self._client = clickhouse_connect.get_client(dsn=self.dsn)
+            self._client = clickhouse_connect.get_client(**clickhouse_server_args(self.dsn))
         else:
             lock_file = _acquire_lock(self.path, lock_timeout_s)
             self._lock_file = lock_file

@@ -36,6 +36,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from engagement_dagster.lib.secure import pg_connect, redis_client
 from engagement_dagster.lib.settings import Settings, get_settings
 
 log = logging.getLogger("engagement.metrics")
@@ -256,8 +257,8 @@ class SlotReading:
 
 
 def read_slot(settings: Settings) -> SlotReading:
-    conn = psycopg2.connect(
-        settings.pg_dsn, connect_timeout=3, application_name="engagement-metrics"
+    conn = pg_connect(
+        settings.pg_dsn, settings=settings, connect_timeout=3, application_name="engagement-metrics"
     )
     try:
         conn.autocommit = True
@@ -371,7 +372,7 @@ class PlatformCollector:
     def __init__(self, settings: Settings, directory: Path = METRICS_DIR) -> None:
         self.settings = settings
         self.directory = directory
-        self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        self._redis = redis_client(settings.redis_url, settings=settings, socket_timeout=2)
 
     def collect(self) -> Iterator[Metric]:
         merged = read_all(self.directory)

@@ -39,7 +39,6 @@ from typing import Any, Literal
 
 import polars as pl
 import psycopg2.extensions
-import redis
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -58,6 +57,7 @@ from engagement_dagster.lib.enrich import (
 from engagement_dagster.lib.kafka_config import librdkafka_config
 from engagement_dagster.lib.pgoutput import format_lsn, parse_lsn
 from engagement_dagster.lib.pipeline import enrich_rules, kafka_sink
+from engagement_dagster.lib.secure import redis_client
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.kafka import KafkaSink
 from engagement_dagster.lib.sinks.kafka_confluent import ConfluentKafkaSink, last_checkpoint
@@ -346,7 +346,7 @@ class RedisRead:
 
 
 def read_redis(url: str, start: datetime) -> RedisRead:
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    client = redis_client(url, socket_timeout=10, socket_connect_timeout=5)
     try:
         checkpoint = read_redis_checkpoint(client)  # first: what the stream applied is there
         frame = read_window(client, "10m", start)
@@ -798,7 +798,7 @@ def _wait_for_sinks(
             return
         with clickhouse_client(targets.clickhouse_dsn) as client:
             clickhouse = rollups.read_clickhouse_checkpoint(client)
-        client_redis = redis.Redis.from_url(targets.redis_url, socket_timeout=10)
+        client_redis = redis_client(targets.redis_url, socket_timeout=10)
         try:
             redis_lsn = read_redis_checkpoint(client_redis)
         finally:

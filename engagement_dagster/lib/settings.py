@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, SecretStr
+from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engagement_dagster.lib.windows import Window
@@ -52,12 +52,55 @@ class Settings(BaseSettings):
         default_factory=_default_local_dir,
         description="Where the private local services keep their data, logs and pid files.",
     )
-    pg_dsn: str = "postgresql://postgres@127.0.0.1:55432/engagement"
-    redis_url: str = "redis://127.0.0.1:56379/0"
+    pg_dsn: str = Field(
+        default="postgresql://postgres@127.0.0.1:55432/engagement",
+        description="libpq DSN (URL or key=value) of the source database, for every connection "
+        "including replication; TLS with sslmode=verify-full sslrootcert=<CA file>.",
+    )
+    pg_password: SecretStr | None = Field(
+        default=None,
+        description="Password of the DSN's user when the DSN carries none; without either, "
+        "libpq reads PGPASSFILE (~/.pgpass).",
+    )
+    pg_role_password: SecretStr | None = Field(
+        default=None,
+        description="Password of the role `engagement db init --create-role` creates "
+        "(prompted when unset).",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:56379/0",
+        description="redis://, or rediss:// for TLS; an ACL user and password may be in the URL "
+        "(rediss://user:password@host:port/db) or in ENGAGEMENT_REDIS_USERNAME/_PASSWORD.",
+    )
+    redis_username: str | None = Field(
+        default=None, description="ACL user when the URL names none."
+    )
+    redis_password: SecretStr | None = Field(
+        default=None, description="Password of the ACL user when the URL carries none."
+    )
+    redis_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) that signed the Redis server's certificate (rediss:// "
+        "only); the URL's ssl_ca_certs query parameter does the same.",
+    )
     clickhouse_url: str = Field(
         default="",
         description="chdb:///path for embedded chDB (default: .local/clickhouse), "
         "or http(s)://user:password@host:port for a ClickHouse server.",
+    )
+    clickhouse_user: str | None = Field(
+        default=None, description="ClickHouse server user when the URL names none."
+    )
+    clickhouse_password: SecretStr | None = Field(
+        default=None, description="ClickHouse server password when the URL carries none."
+    )
+    clickhouse_ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) of the ClickHouse server (https:// only)."
+    )
+    clickhouse_verify: bool = Field(
+        default=True,
+        description="Verify the ClickHouse server's certificate and host name (https:// only). "
+        "Turn off only against a test server.",
     )
     clickhouse_hold_seconds: float = Field(
         default=10.0,
@@ -72,6 +115,14 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
+    local_tls_cert_file: Path | None = Field(
+        default=None,
+        description="Local services only: the server certificate chain (PEM) that the private "
+        "PostgreSQL, Redis and Kafka present when their URL asks for TLS.",
+    )
+    local_tls_key_file: Path | None = Field(
+        default=None, description="Local services only: the private key (PEM) of that certificate."
+    )
     kafka_topic_prefix: str = Field(
         default="",
         pattern=r"^[a-zA-Z0-9._-]*$",
@@ -119,6 +170,41 @@ class Settings(BaseSettings):
         description="Comma-separated event types accepted besides play, pause, finish and "
         "click; the stream and `engagement dlq replay` validate with the same rules.",
     )
+
+    @model_validator(mode="after")
+    def _security_settings_agree(self) -> Settings:
+        """Refuse combinations that would silently connect without the TLS or credentials the
+        operator asked for, naming the variables to fix."""
+        problems = []
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            problems.append(
+                f"ENGAGEMENT_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "ENGAGEMENT_KAFKA_SASL_MECHANISM, _SASL_USERNAME and _SASL_PASSWORD"
+            )
+        if not sasl and self.kafka_sasl_mechanism:
+            problems.append(
+                f"ENGAGEMENT_KAFKA_SASL_MECHANISM is set but ENGAGEMENT_KAFKA_SECURITY_PROTOCOL="
+                f"{self.kafka_security_protocol} does not use SASL (SASL_SSL, SASL_PLAINTEXT)"
+            )
+        if self.kafka_ssl_cafile and not self.kafka_security_protocol.endswith("SSL"):
+            problems.append(
+                "ENGAGEMENT_KAFKA_SSL_CAFILE is set but ENGAGEMENT_KAFKA_SECURITY_PROTOCOL="
+                f"{self.kafka_security_protocol} is not TLS (SSL, SASL_SSL)"
+            )
+        if self.redis_ca_file and not self.redis_url.startswith("rediss://"):
+            problems.append(
+                "ENGAGEMENT_REDIS_CA_FILE is set but ENGAGEMENT_REDIS_URL is not rediss:// (TLS)"
+            )
+        if self.clickhouse_ca_file and not self.clickhouse_url.startswith("https://"):
+            problems.append(
+                "ENGAGEMENT_CLICKHOUSE_CA_FILE is set but ENGAGEMENT_CLICKHOUSE_URL is not https://"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def event_types(self) -> frozenset[str]:

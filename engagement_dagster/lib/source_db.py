@@ -14,6 +14,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from engagement_dagster.lib.secure import pg_connect
 from engagement_dagster.lib.settings import validate_identifier
 
 SOURCE_TABLES = ("content", "engagement_events")
@@ -88,8 +89,8 @@ class InitReport:
 def connect(
     dsn: str, *, autocommit: bool = True, application_name: str = "engagement"
 ) -> Iterator[psycopg2.extensions.connection]:
-    """A short-lived connection that is always closed."""
-    conn = psycopg2.connect(dsn, connect_timeout=5, application_name=application_name)
+    """A short-lived connection that is always closed (TLS and password: lib/secure.py)."""
+    conn = pg_connect(dsn, connect_timeout=5, application_name=application_name)
     conn.autocommit = autocommit
     try:
         yield conn
@@ -99,8 +100,7 @@ def connect(
 
 def ensure_database(dsn: str) -> bool:
     """Create the DSN's database when the server does not have it yet; True when created."""
-    params = psycopg2.extensions.parse_dsn(dsn)
-    name = params.get("dbname") or params.get("user") or "postgres"
+    name = database_name(dsn)
     try:
         with connect(dsn):
             return False
@@ -111,6 +111,17 @@ def ensure_database(dsn: str) -> bool:
     with connect(maintenance) as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return True
+
+
+def database_name(dsn: str) -> str:
+    """The DSN's database (libpq's default: the user name), checked like every configured
+    identifier that reaches SQL."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    name = params.get("dbname") or params.get("user") or "postgres"
+    try:
+        return validate_identifier(name)
+    except ValueError as exc:
+        raise SourceDatabaseError(f"database name in ENGAGEMENT_PG_DSN: {exc}") from None
 
 
 def slot_info(conn: psycopg2.extensions.connection, slot: str) -> SlotInfo | None:
@@ -162,6 +173,7 @@ def init_source(dsn: str, *, slot: str, publication: str) -> InitReport:
     """
     validate_identifier(slot)
     validate_identifier(publication)
+    database_name(dsn)
     database_created = ensure_database(dsn)
     with connect(dsn) as conn, conn.cursor() as cur:
         check_logical_replication(conn)

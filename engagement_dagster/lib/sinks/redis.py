@@ -27,6 +27,7 @@ from typing import Any
 import polars as pl
 import redis
 
+from engagement_dagster.lib.secure import redis_client
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
 from engagement_dagster.lib.windows import (
     WINDOW_SECONDS,
@@ -238,7 +239,7 @@ class RedisSink(Sink):
         """`window_ttls` (by "10m", "1h", "1d", "1w"; Settings.window_ttls): which window keys the
         stream keeps current, and their TTL; None or empty keeps only the live board."""
         super().__init__()
-        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.client = redis_client(url, socket_timeout=10, socket_connect_timeout=5)
         self.window_s = window_s
         self.window_ttls = dict(window_ttls or {})
         self.lateness_s = lateness_s
