@@ -79,15 +79,50 @@ def db() -> None:
 
 
 @db.command("init")
-def db_init() -> None:
+@click.option(
+    "--create-role",
+    "role",
+    metavar="NAME",
+    help="Also create (or reset) NAME, the least-privilege role for stream runs: LOGIN "
+    "REPLICATION, CONNECT, SELECT on the source tables. Password: $ENGAGEMENT_PG_ROLE_PASSWORD, "
+    "else prompted.",
+)
+def db_init(role: str | None) -> None:
     """Create the schema, REPLICA IDENTITY FULL, publication and slot (idempotent)."""
-    from engagement_dagster.lib.source_db import SourceDatabaseError, init_source
+    import psycopg2
+
+    from engagement_dagster.lib.settings import validate_identifier
+    from engagement_dagster.lib.source_db import (
+        SourceDatabaseError,
+        create_stream_role,
+        init_source,
+    )
 
     settings = get_settings()
+    role_password = None
+    if role is not None:
+        try:
+            validate_identifier(role)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--create-role") from None
+        secret = settings.pg_role_password
+        role_password = (
+            secret.get_secret_value()
+            if secret is not None
+            else click.prompt(
+                f"password for role {role}", hide_input=True, confirmation_prompt=True
+            )
+        )
     try:
         report = init_source(settings.pg_dsn, slot=settings.slot, publication=settings.publication)
-    except SourceDatabaseError as exc:
-        console.print(f"[red]{exc}[/red]")
+        role_report = (
+            create_stream_role(settings.pg_dsn, role, role_password)
+            if role is not None and role_password is not None
+            else None
+        )
+    except (SourceDatabaseError, psycopg2.Error) as exc:
+        # Connection errors come explained (lib/secure.py) and never carry a password.
+        console.print(str(exc), style="red", markup=False)
         sys.exit(1)
     added = ", ".join(report.publication_tables_added)
     console.print(
@@ -98,6 +133,14 @@ def db_init() -> None:
         f"{f' (added {added})' if added else ''}\n"
         f"slot       {settings.slot} {'created' if report.slot_created else 'exists'} (pgoutput)"
     )
+    if role_report is not None:
+        console.print(
+            f"role       {role_report.name} {'created' if role_report.created else 'reset'}: "
+            f"LOGIN REPLICATION, CONNECT on {role_report.database}, "
+            f"SELECT on {', '.join(role_report.tables)}; stream runs connect as it with "
+            "ENGAGEMENT_PG_DSN naming the user and ENGAGEMENT_PG_PASSWORD",
+            markup=False,
+        )
 
 
 @main.command()

@@ -62,6 +62,15 @@ FROM pg_replication_slots WHERE slot_name = %s
 """
 
 
+# The least a stream role needs (PostgreSQL 15): REPLICATION to open a replication connection
+# and consume the slot (pgoutput checks no table privilege while decoding), CONNECT on the
+# database, and SELECT on the published tables, which the stream reads for its content cache
+# and a backfill reads from a snapshot. It owns nothing: the admin creates the schema, the
+# publication and the slot (`db init`), so the role cannot change or drop any of them.
+ROLE_ATTRIBUTES = "LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOBYPASSRLS"
+ROLE_EXISTS = "SELECT rolsuper FROM pg_roles WHERE rolname = %s"
+
+
 class SourceDatabaseError(RuntimeError):
     """The source database cannot serve the change stream; the message says how to fix it."""
 
@@ -75,6 +84,14 @@ class SlotInfo:
     active_pid: int | None
     wal_status: str | None
     lag_bytes: int | None
+
+
+@dataclass(frozen=True)
+class RoleReport:
+    name: str
+    created: bool  # False: it existed, its attributes, password and grants were reset
+    database: str
+    tables: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -237,3 +254,39 @@ def _ensure_slot(conn: psycopg2.extensions.connection, slot: str) -> bool:
         except psycopg2.errors.DuplicateObject:
             return False  # created by a concurrent init between our check and create
     return True
+
+
+def create_stream_role(dsn: str, name: str, password: str) -> RoleReport:
+    """Create (or reset) the least-privilege role a stream run connects as: ROLE_ATTRIBUTES,
+    CONNECT on the DSN's database, USAGE on schema public, SELECT on the source tables. Run as
+    the admin of `db init`, after it. The password reaches the server only as a SCRAM verifier
+    computed here, so no statement log or pg_stat_statements ever holds it."""
+    validate_identifier(name)
+    database = database_name(dsn)
+    if not password:
+        raise SourceDatabaseError(f"refusing to give role {name!r} an empty password")
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(ROLE_EXISTS, (name,))
+        row = cur.fetchone()
+        if row is not None and row[0]:
+            raise SourceDatabaseError(
+                f"role {name!r} is a superuser; refusing to turn it into the stream role. "
+                "Choose another name."
+            )
+        verifier = psycopg2.extensions.encrypt_password(
+            password, name, scope=conn, algorithm="scram-sha-256"
+        )
+        role = sql.Identifier(name)
+        statement = "CREATE ROLE {} WITH " if row is None else "ALTER ROLE {} WITH "
+        cur.execute(
+            sql.SQL(statement + ROLE_ATTRIBUTES + " PASSWORD {}").format(
+                role, sql.Literal(verifier)
+            )
+        )
+        cur.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), role)
+        )
+        cur.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role))
+        tables = sql.SQL(", ").join(sql.Identifier(t) for t in SOURCE_TABLES)
+        cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(tables, role))
+    return RoleReport(name, row is None, database, SOURCE_TABLES)
