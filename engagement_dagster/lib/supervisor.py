@@ -27,6 +27,7 @@ from engagement_dagster.lib.local_services import (
     local_services,
     port_open,
 )
+from engagement_dagster.lib.secure import redact
 from engagement_dagster.lib.settings import PROJECT_ROOT, Settings
 from engagement_dagster.lib.source_db import connect, init_source
 
@@ -261,7 +262,7 @@ def run_platform(settings: Settings, options: PlatformOptions) -> int:
             f"Metrics:        {platform.metrics_url}  (Prometheus)\n"
             f"Health:         .venv/bin/engagement services status; engagement status\n"
             f"Logs:           {platform.logs}/{{generator,metrics,daemon,webserver}}.log\n"
-            f"Traffic:        {options.rate:g} events/s into {settings.pg_dsn}\n"
+            f"Traffic:        {options.rate:g} events/s into {redact(settings.pg_dsn, settings)}\n"
             "Stop:           Ctrl-C (data under .local/ is kept)\n"
         )
         last_count, last_at = platform.inserts_so_far(), time.monotonic()
