@@ -23,6 +23,17 @@ class SlotBusy(RuntimeError):
     """Another process is consuming the slot (a live stream run); wait or exit."""
 
 
+class SlotLost(RuntimeError):
+    """The slot was invalidated (wal_status lost): the changes since its position are gone from
+    the WAL. Only a restart from a point (README runbook) continues the stream."""
+
+
+RESTART_RUNBOOK = (
+    "restart from a point (README, 'Restart from a point'): stop change_cursor_sensor and any "
+    "stream run, then `engagement restart --from <a time before the stream fell behind>`"
+)
+
+
 @dataclass(frozen=True)
 class CursorPosition:
     acknowledged_lsn: int  # what we told the server is flushed
@@ -69,6 +80,15 @@ class ChangeCursor:
             conn.close()
             raise SlotBusy(
                 f"replication slot {self.slot!r} is in use by another process: {exc}".strip()
+            ) from exc
+        except psycopg2.errors.ObjectNotInPrerequisiteState as exc:  # invalidated: WAL removed
+            conn.close()
+            server = " ".join(str(exc).split())
+            raise SlotLost(
+                f"replication slot {self.slot!r} can no longer be read ({server}): wal_status is "
+                "lost, the WAL it still needed was removed (max_slot_wal_keep_size) while no "
+                f"stream consumed it, so changes since its position are gone. To recover: "
+                f"{RESTART_RUNBOOK}"
             ) from exc
         self._conn, self._cursor = conn, cursor
         self._assembler = TransactionAssembler()
@@ -118,6 +138,10 @@ class ChangeCursor:
         if self._cursor is None:
             raise RuntimeError("the change cursor is not open; call open() first")
         return self._cursor
+
+    @property
+    def is_open(self) -> bool:
+        return self._cursor is not None
 
     def close(self) -> None:
         if self._conn is not None:

@@ -39,7 +39,7 @@ from engagement_dagster.lib.enrich import (
     fold_content_versions,
 )
 from engagement_dagster.lib.event_schema import EventShape, content_mismatch, event_shape
-from engagement_dagster.lib.pgoutput import Change, Transaction
+from engagement_dagster.lib.pgoutput import Change, Transaction, format_lsn
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
 from engagement_dagster.lib.source_db import connect, successor_waiting
 
@@ -54,6 +54,10 @@ CONTENT_SNAPSHOT = "SELECT id::text, content_type, length_seconds FROM content"
 # Fault injection for crash tests (off unless set): kill -9 ourselves at a named point.
 FAULT_ENV = "ENGAGEMENT_FAULT"  # before_ack, or after_sink:<name>
 SUCCESSOR_POLL_S = 0.1  # a run in its handover grace looks for a waiting successor this often
+# A broken replication connection (PostgreSQL restarted, a network cut) is opened again, with
+# backoff up to RECONNECT_MAX_DELAY_S, for this long before the run gives up and fails.
+RECONNECT_GIVE_UP_S = 300.0
+RECONNECT_MAX_DELAY_S = 1.0
 HANDOVER_DRAIN_S = 1.0  # at a handover, the sinks get this long to finish before the slot is freed
 
 
@@ -417,7 +421,11 @@ class Stream:
                     time.monotonic() - started - self.options.run_seconds
                 ):
                     break
-                transactions = self._read_batch()
+                try:
+                    transactions = self._read_batch()
+                except psycopg2.Error as exc:
+                    self._reconnect(exc)
+                    continue
                 if transactions:
                     self._process(transactions)
                     caught_up_at = None
@@ -443,7 +451,7 @@ class Stream:
                 self._release_slot_early()
             for worker in self.workers:
                 worker.close()
-            if not self._successor_ready:
+            if not self._successor_ready and self.cursor.is_open:
                 self._acknowledge(idle=False)
                 self.cursor.close()
         self._sample()
@@ -625,6 +633,36 @@ class Stream:
         for worker in self.workers:
             worker.resume()
 
+    def _reconnect(self, error: psycopg2.Error) -> None:
+        """The replication connection broke: open it again once the server answers, right after
+        the last transaction handed to the sinks. What was read but not yet batched is sent
+        again, nothing batched is read twice, and the slot's confirmed position (the lowest
+        checkpoint) is untouched. Fails after RECONNECT_GIVE_UP_S, or at once when the slot
+        itself is gone or taken (SlotLost, SlotBusy)."""
+        log.warning("replication connection lost (%s); reconnecting", str(error).strip())
+        self.cursor.close()
+        after = self.report.last_lsn
+        started = time.monotonic()
+        delay = 0.1
+        while not self.stop.is_set():
+            try:
+                self.cursor.open(start_lsn=after + 1 if after else 0)
+            except psycopg2.OperationalError as exc:
+                if time.monotonic() - started > RECONNECT_GIVE_UP_S:
+                    raise RuntimeError(
+                        f"PostgreSQL did not accept the replication connection again within "
+                        f"{RECONNECT_GIVE_UP_S:.0f} s ({str(exc).strip()}); the run ends, the "
+                        "next one continues from the slot"
+                    ) from exc
+                self.stop.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+                continue
+            log.warning(
+                "replication connection back after %.1f s, continuing after %s",
+                time.monotonic() - started, format_lsn(after),
+            )  # fmt: skip
+            return
+
     def _acknowledge(self, *, idle: bool) -> None:
         """Move the slot to the lowest checkpoint (and past idle WAL when all is applied)."""
         known = [worker.applied_lsn for worker in self.workers]
@@ -633,10 +671,14 @@ class Stream:
         lowest = min(lsn for lsn in known if lsn is not None)
         if any(worker.fault == "before_ack" for worker in self.workers) and self.report.batches:
             _kill_self("before_ack")
-        if idle and all(worker.idle for worker in self.workers):
-            self.cursor.acknowledge_idle(lowest)
-        else:
-            self.cursor.acknowledge(lowest)
+        try:
+            if idle and all(worker.idle for worker in self.workers):
+                self.cursor.acknowledge_idle(lowest)
+            else:
+                self.cursor.acknowledge(lowest)
+        except psycopg2.Error as exc:  # the connection broke: the next read reconnects
+            log.warning("could not acknowledge %s: %s", format_lsn(lowest), str(exc).strip())
+            return
         self.report.acknowledged_lsn = self.cursor.position.acknowledged_lsn
         metrics.STREAM_ACKED_LSN.set(self.report.acknowledged_lsn)
 
