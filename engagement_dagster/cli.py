@@ -242,6 +242,7 @@ def stream(
     """The change stream outside the daemon: the same code as the Dagster job `cdc_stream`."""
     import logging
 
+    from engagement_dagster.lib.change_cursor import SlotBusy, SlotLost
     from engagement_dagster.lib.pipeline import build_stream
     from engagement_dagster.lib.stream import StreamOptions, StreamReport
 
@@ -267,7 +268,16 @@ def stream(
 
     runner = build_stream(settings, options, on_report=progress)
     runner.install_signal_handlers()
-    report = runner.run()
+    try:
+        report = runner.run()
+    except SlotBusy as exc:  # another run streams: nothing was read or written, exit 3
+        console.print(
+            f"not started: {exc}; only one stream may consume it", soft_wrap=True, highlight=False
+        )
+        sys.exit(3)
+    except SlotLost as exc:  # exit 4: the runbook, not a retry, is the way on
+        console.print(f"stopped: {exc}", soft_wrap=True, highlight=False)
+        sys.exit(4)
     console.print(f"done: caught up={report.caught_up}, {report.changes:,} changes")
 
 
