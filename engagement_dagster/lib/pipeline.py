@@ -26,6 +26,8 @@ def default_sinks(settings: Settings) -> list[Sink]:
             settings.redis_url,
             window_ttls=settings.window_ttls,
             lateness_s=settings.rollup_lateness_seconds,
+            source_dsn=settings.pg_dsn,  # to rebuild its keys if Redis loses them
+            rules=enrich_rules(settings),
         ),
         ClickHouseSink(settings.clickhouse_dsn, hold_s=settings.clickhouse_hold_seconds),
         kafka_sink(settings),

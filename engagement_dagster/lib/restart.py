@@ -15,6 +15,7 @@ import psycopg2.errors
 from engagement_dagster.lib.backfill import (
     DEFAULT_CHUNK_ROWS,
     BackfillReport,
+    SourceSnapshot,
     backfill_in_snapshot,
     source_snapshot,
 )
@@ -22,6 +23,7 @@ from engagement_dagster.lib.enrich import DEAD_LETTERS_SCHEMA, DELTAS_SCHEMA, EN
 from engagement_dagster.lib.pipeline import default_sinks
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.base import SinkBatch
+from engagement_dagster.lib.sinks.redis import RedisSink
 from engagement_dagster.lib.source_db import connect, slot_info
 
 DROP_SLOT = "SELECT pg_drop_replication_slot(%s)"
@@ -65,6 +67,7 @@ def restart_from(
     with source_snapshot(settings.pg_dsn, slot=settings.slot) as snapshot:
         _refuse_if_consumed(settings, "after the new slot was created; run the restart again")
         previous = set_checkpoints(settings, snapshot.version)
+        _rebuild_redis(settings, snapshot)
         backfill = backfill_in_snapshot(
             snapshot, settings, first_day, last_day, to_kafka=to_kafka, chunk_rows=chunk_rows
         )
@@ -96,6 +99,17 @@ def _drop_idle_slot(settings: Settings) -> None:
                 f"replication slot {settings.slot!r} was taken by a stream while dropping it "
                 f"(nothing was changed): {exc}".strip()
             ) from exc
+
+
+def _rebuild_redis(settings: Settings, snapshot: SourceSnapshot) -> None:
+    """The keys the stream owns in Redis (live board, open windows) as of the snapshot, so they
+    hold the changes made while no stream ran, as the backfilled days do (RedisSink.rebuild)."""
+    for sink in default_sinks(settings):
+        try:
+            if isinstance(sink, RedisSink):
+                sink.rebuild(snapshot)
+        finally:
+            sink.close()
 
 
 def set_checkpoints(settings: Settings, lsn: int) -> dict[str, int]:

@@ -19,14 +19,25 @@ rewrite holds everything the stream applied).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import redis
 
+from engagement_dagster.lib.enrich import (
+    CHANGES_SCHEMA,
+    DEAD_LETTERS_SCHEMA,
+    DELTAS_SCHEMA,
+    ENRICHED_ROWS_SCHEMA,
+    IMAGE_COLUMNS,
+    UTC_MICROS,
+    EnrichRules,
+    enrich,
+)
 from engagement_dagster.lib.secure import redis_client
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
 from engagement_dagster.lib.windows import (
@@ -35,8 +46,14 @@ from engagement_dagster.lib.windows import (
     Window,
     window_members_key,
     window_prefix,
+    window_start,
     window_top_key,
 )
+
+if TYPE_CHECKING:
+    from engagement_dagster.lib.backfill import SourceSnapshot
+
+log = logging.getLogger("engagement.sinks.redis")
 
 SINK_NAME = "redis"
 WINDOW_S = 600
@@ -224,6 +241,11 @@ class CheckpointMoved(RuntimeError):
     """Another writer moved the Redis checkpoint under us: two streams are running."""
 
 
+class RedisLost(RuntimeError):
+    """Redis no longer holds what this process applied, and no source is configured to rebuild
+    the stream's keys from."""
+
+
 class RedisSink(Sink):
     name = SINK_NAME
 
@@ -235,10 +257,17 @@ class RedisSink(Sink):
         window_ttls: Mapping[Window, int] | None = None,
         lateness_s: int = 120,
         clock: Callable[[], float] = time.time,
+        source_dsn: str | None = None,
+        rules: EnrichRules | None = None,
     ) -> None:
         """`window_ttls` (by "10m", "1h", "1d", "1w"; Settings.window_ttls): which window keys the
-        stream keeps current, and their TTL; None or empty keeps only the live board."""
+        stream keeps current, and their TTL; None or empty keeps only the live board.
+        `source_dsn` and `rules`: where and how to rebuild those keys if Redis loses them
+        (`checkpoint`); without a source such a loss is an error (RedisLost)."""
         super().__init__()
+        self.source_dsn = source_dsn
+        self.rules = rules or EnrichRules()
+        self._known = 0  # the highest checkpoint this process read or wrote
         self.client = redis_client(url, socket_timeout=10, socket_connect_timeout=5)
         self.window_s = window_s
         self.window_ttls = dict(window_ttls or {})
@@ -249,6 +278,107 @@ class RedisSink(Sink):
 
     def read_checkpoint(self) -> int:
         return read_checkpoint(self.client)
+
+    def checkpoint(self) -> int:
+        """As every sink's (read once, then kept); but a stored checkpoint below one this process
+        has read or written means Redis lost data: restarted without persistence, or with an
+        append-only file missing its last second. Then the keys the stream owns are rebuilt
+        from the source first (`rebuild`), since the slot may have moved past what was lost."""
+        if self._checkpoint is None:
+            stored = self.read_checkpoint()
+            if stored < self._known:
+                if self.source_dsn is None:
+                    raise RedisLost(
+                        f"sink redis: the checkpoint is {stored}, below {self._known} that this "
+                        "process applied: Redis lost data, and no source is configured to "
+                        "rebuild the live board and open windows from"
+                    )
+                log.warning(
+                    "sink redis: checkpoint %d is below %d, which this process applied: Redis "
+                    "lost data; rebuilding the live board and open windows from the source",
+                    stored, self._known,
+                )  # fmt: skip
+                stored = self.rebuild()
+            self._checkpoint = stored
+            self._known = max(self._known, stored)
+        return self._checkpoint
+
+    def rebuild(self, snapshot: SourceSnapshot | None = None) -> int:
+        """Rebuild every key the stream owns (the live board, its per-second buckets and state,
+        the open windows) from a snapshot of the source (a new one, or the caller's: a restart
+        from a point passes its own), and set the checkpoint to the snapshot's version
+        (lib/backfill.py): the stream then applies exactly the commits after it. The checkpoint
+        is deleted first, so a crash half-way never leaves a checkpoint without its data.
+        Closed windows belong to the rollups: re-materialize redis/engagement_windows for them.
+        Returns the new checkpoint."""
+        from engagement_dagster.lib.backfill import source_snapshot  # psycopg2, only when needed
+
+        if snapshot is None:
+            if self.source_dsn is None:
+                raise RedisLost("sink redis: no source to rebuild from")
+            with source_snapshot(self.source_dsn) as taken:
+                return self.rebuild(taken)
+        started = time.monotonic()
+        now = int(self.clock())
+        since = self._oldest_owned(now)
+        deltas = []
+        content = snapshot.content()
+        for text in snapshot.copy_events("event_ts >= %(since)s", {"since": since}, 100_000):
+            changes = text.with_columns(
+                seq=pl.int_range(text.height, dtype=pl.UInt32),
+                op=pl.lit("insert"),
+                source_lsn=pl.lit(snapshot.version, pl.UInt64),
+                source_committed_at=pl.lit(snapshot.taken_at, UTC_MICROS),
+                **{f"old_{name}": pl.lit(None, pl.String) for name in IMAGE_COLUMNS},
+            ).select(CHANGES_SCHEMA.names())
+            deltas.append(enrich(changes, content, self.rules).deltas)
+        version = snapshot.version
+        self.client.delete(CHECKPOINT_KEY)
+        self._delete_owned(now)
+        batch = SinkBatch(
+            last_lsn=version,
+            rows=ENRICHED_ROWS_SCHEMA.to_frame(),
+            deltas=pl.concat(deltas) if deltas else DELTAS_SCHEMA.to_frame(),
+            dead_letters=DEAD_LETTERS_SCHEMA.to_frame(),
+        )
+        self.write(batch, 0)
+        log.warning(
+            "sink redis: rebuilt from a snapshot of the source in %.1f s (%d events since %s); "
+            "checkpoint %d",
+            time.monotonic() - started, batch.deltas.height, since.isoformat(), version,
+        )  # fmt: skip
+        return version
+
+    def _open_windows(self, now: int) -> list[tuple[Window, datetime]]:
+        """Every window the stream still writes (end + lateness after `now`), up to a day ahead
+        (a valid event is at most a day in the future)."""
+        at = datetime.fromtimestamp(now, UTC)
+        found = []
+        for window in self.window_ttls:
+            size = timedelta(seconds=WINDOW_SECONDS[window])
+            start = window_start(window, at - size - timedelta(seconds=self.lateness_s))
+            while start <= at + timedelta(days=1):
+                if (start + size).timestamp() + self.lateness_s > now:
+                    found.append((window, start))
+                start += size
+        return found
+
+    def _oldest_owned(self, now: int) -> datetime:
+        """The earliest event time a key the stream owns can hold."""
+        oldest = datetime.fromtimestamp(now - self.window_s, UTC)
+        return min([oldest, *(start for _, start in self._open_windows(now))])
+
+    def _delete_owned(self, now: int) -> None:
+        """Delete the live board's keys and the open windows' keys."""
+        live = [*self.client.scan_iter(match="engagement:_live:*", count=1000)]
+        keys = [*live, TOP_SECONDS, TOP_EVENTS]
+        for window, start in self._open_windows(now):
+            prefix = window_prefix(window, start)
+            members = window_members_key(window, start)
+            keys += [window_top_key(window, start), members]
+            keys += [f"{prefix}:stats:{_text(cid)}" for cid in self.client.smembers(members)]
+        for i in range(0, len(keys), 1000):
+            self.client.delete(*keys[i : i + 1000])
 
     def write(self, batch: SinkBatch, checkpoint: int) -> None:
         now = int(self.clock())
@@ -265,8 +395,10 @@ class RedisSink(Sink):
         if result == -1:
             raise CheckpointMoved(
                 f"Redis checkpoint moved away from {checkpoint} while applying up to "
-                f"{batch.last_lsn}; is a second stream running on this slot?"
+                f"{batch.last_lsn}; is a second stream running on this slot, or did Redis "
+                "lose its data?"
             )
+        self._known = max(self._known, batch.last_lsn)
 
     def _live_contributions(self, deltas: pl.DataFrame, now: int) -> list[Any]:
         """Flattened (second, content_id, ms, events, expire_at) groups for the live board."""
