@@ -97,6 +97,7 @@ class SinkWorker:
         self.report = report
         self._queue: deque[SinkBatch] = deque()
         self._queued_rows = 0
+        self._writing_rows = 0  # of _queued_rows, those in the write under way
         self._lock = threading.Condition()
         self._closing = False
         self.needs_replay = False  # its queue was dropped: feed it again from the slot
@@ -147,13 +148,16 @@ class SinkWorker:
                 return
             self._queue.append(batch)
             self._queued_rows += batch.rows.height + batch.deltas.height
-            if self._queued_rows > self.options.max_pending_rows and self.stalled:
+            # What waits behind the write under way: a transaction larger than the buffer is
+            # written, not dropped and read again (which would only bring it back whole).
+            waiting = self._queued_rows - self._writing_rows
+            if waiting > self.options.max_pending_rows and self.stalled:
                 log.warning(
                     "sink %s lags by %d rows: dropping its queue, it will replay from the slot",
                     self.sink.name, self._queued_rows,
                 )  # fmt: skip
                 self._queue.clear()
-                self._queued_rows = 0
+                self._queued_rows = self._writing_rows = 0
                 self.needs_replay = True
                 metrics.SINK_REPLAYS.labels(self.sink.name).inc()
             metrics.SINK_QUEUED_ROWS.labels(self.sink.name).set(self._queued_rows)
@@ -200,6 +204,7 @@ class SinkWorker:
                 if self._closing and not self._queue:
                     return
                 taken = self._take()
+                self._writing_rows = sum(b.rows.height + b.deltas.height for b in taken)
                 upkeep = not self._closing and self.failures == 0
                 upkeep = upkeep and time.monotonic() >= self._next_tick
             if upkeep:
@@ -232,6 +237,7 @@ class SinkWorker:
                     for _ in taken:
                         part = self._queue.popleft()
                         self._queued_rows -= part.rows.height + part.deltas.height
+                self._writing_rows = 0
                 if self._queued_rows < self.options.max_queued_rows:
                     self._catching_up = False
                 metrics.SINK_QUEUED_ROWS.labels(self.sink.name).set(self._queued_rows)
@@ -429,11 +435,15 @@ class Stream:
                 if transactions:
                     self._process(transactions)
                     caught_up_at = None
+                idle = not transactions
+                # The decoded changes are in the batch now: free them while the sinks write (a
+                # million-row transaction holds ~0.8 GB of them).
+                del transactions
                 if any(w.ready_for_replay.is_set() for w in self.workers):
                     self._replay_from_slot()
                     continue
-                self._acknowledge(idle=not transactions)
-                if not transactions and self._drained(target):
+                self._acknowledge(idle=idle)
+                if idle and self._drained(target):
                     self.report.caught_up = True
                     caught_up_at = caught_up_at or time.monotonic()
                     linger = self.options.linger_seconds
