@@ -129,6 +129,13 @@ class StreamRunConfig(dg.Config):
         description="After run_seconds, stream on until a successor waits for the slot, at most "
         "this long: the handover then never waits for a slow run launch. 0: end at run_seconds.",
     )
+    handover_restart_wait_seconds: float = Field(
+        default=20.0,
+        ge=0,
+        description="Once a successor waits, stream on up to this long until the slot's restart "
+        "point is within 4 MB of what was confirmed (PostgreSQL 15 moves it every 15 s), so the "
+        "successor does not re-decode up to 15 s of WAL before its first batch. 0: at once.",
+    )
 
     def stream_options(self, settings: Settings) -> StreamOptions:
         run_seconds = self.run_seconds
@@ -139,6 +146,7 @@ class StreamRunConfig(dg.Config):
             linger_seconds=self.linger_seconds,
             report_every_s=self.report_every_s,
             handover_grace_seconds=self.handover_grace_seconds,
+            handover_restart_wait_seconds=self.handover_restart_wait_seconds,
         )
 
 

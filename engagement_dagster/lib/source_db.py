@@ -168,6 +168,20 @@ def successor_waiting(conn: psycopg2.extensions.connection, slot: str) -> bool:
     return bool(row and row[0])
 
 
+def restart_distance(conn: psycopg2.extensions.connection, slot: str) -> int | None:
+    """WAL bytes a new consumer of `slot` decodes again before it reaches what the last one
+    confirmed (None: no such slot). Decoding restarts at restart_lsn, which PostgreSQL moves
+    only past a running-xacts record: every 15 s on a busy server, and at checkpoints."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        )
+        row = cur.fetchone()
+    return None if row is None or row[0] is None else max(0, int(row[0]))
+
+
 def check_logical_replication(conn: psycopg2.extensions.connection) -> None:
     with conn.cursor() as cur:
         cur.execute("SHOW wal_level")

@@ -41,7 +41,7 @@ from engagement_dagster.lib.enrich import (
 from engagement_dagster.lib.event_schema import EventShape, content_mismatch, event_shape
 from engagement_dagster.lib.pgoutput import Change, Transaction, format_lsn
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
-from engagement_dagster.lib.source_db import connect, successor_waiting
+from engagement_dagster.lib.source_db import connect, restart_distance, successor_waiting
 
 log = logging.getLogger("engagement.stream")
 
@@ -58,6 +58,9 @@ SUCCESSOR_POLL_S = 0.1  # a run in its handover grace looks for a waiting succes
 # backoff up to RECONNECT_MAX_DELAY_S, for this long before the run gives up and fails.
 RECONNECT_GIVE_UP_S = 300.0
 RECONNECT_MAX_DELAY_S = 1.0
+# At a handover the successor re-decodes the slot from its restart_lsn: wait (bounded by the
+# option handover_restart_wait_seconds) until that is at most this much WAL behind.
+HANDOVER_RESTART_BYTES = 4 << 20
 HANDOVER_DRAIN_S = 1.0  # at a handover, the sinks get this long to finish before the slot is freed
 
 
@@ -70,6 +73,10 @@ class StreamOptions:
     # (0: end at run_seconds). A slow run launch then costs no gap: the handover happens when
     # the successor is ready, whenever that is.
     handover_grace_seconds: float = 0.0
+    # Once a successor waits, stream on up to this long until the slot's restart point is close
+    # behind what we confirmed (PostgreSQL 15 moves it every 15 s), so that the successor does
+    # not first re-decode up to 15 s of WAL: a shorter gap. 0: hand over at once.
+    handover_restart_wait_seconds: float = 0.0
     linger_seconds: float | None = None  # once caught up, exit after this long; 0: at once
     report_every_s: float = 30.0
     retry_base_s: float = 0.5
@@ -386,6 +393,7 @@ class Stream:
         self.stop = threading.Event()
         self._successor_polled_at = 0.0
         self._successor_ready = False  # set once a successor waits: hand over, slot first
+        self._successor_seen_at = 0.0
         self._content = fold_content_versions(content_versions([]))
         self._sampler = metrics.ProcessSampler("stream")
         fault = os.environ.get(FAULT_ENV) or None
@@ -499,19 +507,38 @@ class Stream:
 
     def _hand_over(self, overtime_s: float) -> bool:
         """Whether a run past its run_seconds ends now: at once without a grace, else when a
-        successor waits for the slot or the grace is over. Polled at most every 0.1 s."""
+        successor waits for the slot (and the slot's restart point is close, see
+        handover_restart_wait_seconds) or the grace is over. Polled at most every 0.1 s."""
         if overtime_s >= self.options.handover_grace_seconds:
             return True
         now = time.monotonic()
         if now - self._successor_polled_at < SUCCESSOR_POLL_S:
             return False
         self._successor_polled_at = now
+        distance: int | None = None
         try:
             with connect(self.dsn) as conn:
-                self._successor_ready = successor_waiting(conn, self.cursor.slot)
+                if not self._successor_ready:
+                    self._successor_ready = successor_waiting(conn, self.cursor.slot)
+                    self._successor_seen_at = now
+                if self._successor_ready and self.options.handover_restart_wait_seconds > 0:
+                    distance = restart_distance(conn, self.cursor.slot)
         except psycopg2.Error as exc:
             log.warning("could not look for a successor (%s); streaming on", exc)
-        return self._successor_ready
+        if not self._successor_ready:
+            return False
+        waited_s = now - self._successor_seen_at
+        if (
+            distance is not None
+            and distance > HANDOVER_RESTART_BYTES
+            and waited_s < self.options.handover_restart_wait_seconds
+        ):
+            return False  # the successor would re-decode `distance` bytes first: not yet
+        log.info(
+            "handover: a successor waits (%.1f s); it re-decodes %s bytes of WAL",
+            waited_s, "unknown" if distance is None else f"{distance:,}",
+        )  # fmt: skip
+        return True
 
     def _drained(self, target: int) -> bool:
         """Caught up with the WAL as it was when the run started, every sink applied."""

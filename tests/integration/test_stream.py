@@ -20,8 +20,12 @@ from engagement_dagster.lib.generator import TrafficOptions, run_traffic, seed_c
 from engagement_dagster.lib.pipeline import build_stream
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.kafka import DLQ_TOPIC
-from engagement_dagster.lib.source_db import connect, successor_application_name
-from engagement_dagster.lib.stream import StreamOptions
+from engagement_dagster.lib.source_db import (
+    connect,
+    restart_distance,
+    successor_application_name,
+)
+from engagement_dagster.lib.stream import HANDOVER_RESTART_BYTES, StreamOptions
 from tests.support import (
     assert_clickhouse_matches_postgres,
     assert_kafka_matches_postgres,
@@ -290,3 +294,33 @@ def test_poison_input_goes_to_both_dead_letter_queues_and_the_stream_goes_on(
         raw = json.loads(letter["raw_change"])
         assert raw["op"] == "insert" and "event_type" in json.dumps(raw)
     assert_clickhouse_matches_postgres(stream_db)
+
+
+def test_a_handover_waits_until_the_slot_restarts_close_to_its_position(
+    stream_db: Settings,
+) -> None:
+    """With handover_restart_wait_seconds, the run hands over once the successor would re-decode
+    at most HANDOVER_RESTART_BYTES of WAL (PostgreSQL moves restart_lsn every 15 s), not at
+    once: here 8 MB of WAL written just before the successor arrives."""
+    options = StreamOptions(
+        run_seconds=0.5, handover_grace_seconds=60, handover_restart_wait_seconds=40
+    )
+    stream = build_stream(stream_db, options)
+    runner = threading.Thread(target=stream.run)
+    runner.start()
+    try:
+        time.sleep(2)
+        with connect(stream_db.pg_dsn) as conn, conn.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS wal_filler")  # not published: WAL, no changes
+            cur.execute("CREATE TABLE wal_filler AS SELECT repeat('x', 800) AS f, g "
+                        "FROM generate_series(1, 10000) AS g")  # fmt: skip
+        time.sleep(1)  # the stream confirms past it (idle: to the WAL end)
+        with connect(stream_db.pg_dsn, application_name=successor_application_name(stream_db.slot)):
+            runner.join(timeout=50)
+            assert not runner.is_alive(), "no handover within the restart wait"
+            with connect(stream_db.pg_dsn) as conn:
+                distance = restart_distance(conn, stream_db.slot)
+    finally:
+        stream.stop.set()
+        runner.join(timeout=30)
+    assert distance is not None and distance <= HANDOVER_RESTART_BYTES, distance
