@@ -173,6 +173,7 @@ if current ~= tonumber(ARGV[2]) then return -1 end
 local ttl = tonumber(ARGV[7])
 local low, high = slide(tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ttl)
 local i = 9
+local expiring = {}  -- second -> its buckets' expire_at
 for _ = 1, tonumber(ARGV[8]) do
   local second, cid = tonumber(ARGV[i]), ARGV[i + 1]
   if second > low then
@@ -184,8 +185,7 @@ for _ = 1, tonumber(ARGV[8]) do
       redis.call('ZREM', ms_key, cid)
       redis.call('ZREM', ev_key, cid)
     end
-    redis.call('EXPIREAT', ms_key, ARGV[i + 4])
-    redis.call('EXPIREAT', ev_key, ARGV[i + 4])
+    expiring[ARGV[i]] = ARGV[i + 4]
     if second <= high then
       redis.call('ZINCRBY', 'engagement:_live:board:ms', ARGV[i + 2], cid)
       local left = redis.call('ZINCRBY', 'engagement:_live:board:events', ARGV[i + 3], cid)
@@ -196,6 +196,11 @@ for _ = 1, tonumber(ARGV[8]) do
     end
   end
   i = i + 5
+end
+-- Once per second touched, after its last change (a bucket emptied and refilled is a new key).
+for second, expire_at in pairs(expiring) do
+  redis.call('EXPIREAT', 'engagement:_live:ms:' .. second, expire_at)
+  redis.call('EXPIREAT', 'engagement:_live:events:' .. second, expire_at)
 end
 while i <= #ARGV do
   local prefix, cid = ARGV[i], ARGV[i + 1]
@@ -382,8 +387,9 @@ class RedisSink(Sink):
 
     def write(self, batch: SinkBatch, checkpoint: int) -> None:
         now = int(self.clock())
-        live = self._live_contributions(batch.deltas, now)
-        windows = self._window_contributions(batch.deltas, now)
+        seconds = _by_second(batch.deltas)
+        live = self._live_contributions(seconds, now)
+        windows = self._window_contributions(seconds, now)
         result = self._apply(
             keys=[TOP_SECONDS, TOP_EVENTS, CHECKPOINT_KEY],
             args=[
@@ -400,36 +406,28 @@ class RedisSink(Sink):
             )
         self._known = max(self._known, batch.last_lsn)
 
-    def _live_contributions(self, deltas: pl.DataFrame, now: int) -> list[Any]:
+    def _live_contributions(self, seconds: pl.DataFrame, now: int) -> list[Any]:
         """Flattened (second, content_id, ms, events, expire_at) groups for the live board."""
-        if deltas.height == 0:
-            return []
-        grouped = (
-            _with_ms(deltas.filter(pl.col("content_id").is_not_null()))
-            .with_columns(second=pl.col("event_ts").dt.epoch("s"))
-            .filter(pl.col("second") > now - self.window_s)  # already out of the window
-            .group_by("second", "content_id", maintain_order=True)
-            .agg(pl.col("ms").sum(), pl.col("events").sum())
+        live = (
+            seconds.filter(pl.col("second") > now - self.window_s)  # already out of the window
+            .select("second", "content_id", "ms", "events")
             .with_columns(expire_at=pl.col("second") + BUCKET_TTL_S)
         )
-        return _flatten(grouped)
+        return _flatten(live)
 
-    def _window_contributions(self, deltas: pl.DataFrame, now: int) -> list[Any]:
+    def _window_contributions(self, seconds: pl.DataFrame, now: int) -> list[Any]:
         """Flattened (key prefix, content_id, ms, events, pct x100, pct count, ttl) groups for
         the windows still open to the stream: those with end + lateness after `now`."""
-        if deltas.height == 0 or not self.window_ttls:
+        if seconds.height == 0 or not self.window_ttls:
             return []
-        valid = _with_ms(deltas.filter(pl.col("content_id").is_not_null())).with_columns(
-            pct_x100=(pl.col("engagement_pct").fill_null(0.0) * 100).round(0).cast(pl.Int64),
-            pct_count=pl.when(pl.col("engagement_pct").is_not_null())
-            .then(pl.col("events"))
-            .otherwise(0),
+        at = seconds.with_columns(
+            ts=pl.from_epoch("second", time_unit="s").dt.replace_time_zone("UTC")
         )
         flat: list[Any] = []
         for window, ttl in self.window_ttls.items():
             size_s = WINDOW_SECONDS[window]
             grouped = (
-                valid.with_columns(start=pl.col("event_ts").dt.truncate(TRUNCATE_EVERY[window]))
+                at.with_columns(start=pl.col("ts").dt.truncate(TRUNCATE_EVERY[window]))
                 .filter(pl.col("start").dt.epoch("s") + size_s + self.lateness_s > now)
                 .group_by("start", "content_id", maintain_order=True)
                 .agg(pl.col("ms", "events", "pct_x100", "pct_count").sum())
@@ -464,9 +462,23 @@ class RedisSink(Sink):
         self.client.close()
 
 
-def _with_ms(deltas: pl.DataFrame) -> pl.DataFrame:
-    return deltas.with_columns(
-        ms=(pl.col("engagement_seconds").fill_null(0.0) * 1000).round(0).cast(pl.Int64)
+def _by_second(deltas: pl.DataFrame) -> pl.DataFrame:
+    """The batch's signed contributions summed once per (event second, content), in exact
+    integers: the live board and every window aggregate from this much smaller frame."""
+    return (
+        deltas.filter(pl.col("content_id").is_not_null())
+        .group_by(
+            pl.col("event_ts").dt.epoch("s").alias("second"), "content_id", maintain_order=True
+        )
+        .agg(
+            ms=(pl.col("engagement_seconds").fill_null(0.0) * 1000).round(0).cast(pl.Int64).sum(),
+            events=pl.col("events").sum(),
+            pct_x100=(pl.col("engagement_pct").fill_null(0.0) * 100).round(0).cast(pl.Int64).sum(),
+            pct_count=pl.when(pl.col("engagement_pct").is_not_null())
+            .then(pl.col("events"))
+            .otherwise(0)
+            .sum(),
+        )
     )
 
 
