@@ -105,9 +105,9 @@ class Settings(BaseSettings):
     clickhouse_hold_seconds: float = Field(
         default=10.0,
         gt=0,
-        description="Embedded chDB only: how long the stream keeps the database open (and "
-        "other processes waiting) between releases. Shorter: fresher reads elsewhere; but "
-        "chDB 4.4 leaks threads at every reopen.",
+        description="Embedded chDB only: the stream keeps the database open while no other "
+        "process wants it; once one waits, the stream lets go within this long (at once when "
+        "idle). Every reopen of chDB 4.4 leaks threads and memory.",
     )
     kafka_bootstrap: str = "127.0.0.1:59092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
