@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-unit lint format services services-down status bench load
+.PHONY: install run test test-unit test-faults lint format services services-down status bench load
 
 install:  ## system packages (apt) and the project in .venv
 	@scripts/bootstrap.sh
@@ -15,6 +15,9 @@ test: install lint  ## everything CI runs: lint, unit and integration tests on r
 
 test-unit: install
 	$(BIN)/pytest -m "not integration and not faults"
+
+test-faults: install  ## fault scenarios on real (partly private) services; a table of lost, doubled, recovery
+	$(BIN)/pytest tests/faults
 
 lint: install
 	$(BIN)/ruff check .

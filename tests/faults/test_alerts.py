@@ -3,7 +3,8 @@
 A real Prometheus (Debian's package) runs the shipped configuration (deploy/prometheus: its
 scrape and evaluation intervals and its alert rules) against the real exporter, while a stream
 run applies live traffic. Kafka is stopped: EngagementSinkDown{sink="kafka"} must become
-pending (its condition true) within 60 s, for Kafka only, and clear once Kafka is back.
+pending (its condition true) within 60 s, for Kafka only, and clear once Kafka is back; after a
+final drain every sink equals PostgreSQL (lost and doubled are reported).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ from engagement_dagster.lib.local_services import LocalKafka
 from engagement_dagster.lib.metrics import serve
 from engagement_dagster.lib.settings import PROJECT_ROOT, Settings
 from engagement_dagster.lib.source_db import connect
+from tests.faults.conftest import FaultReport
+from tests.faults.exactness import check_exact, mark_fault_end, wait_caught_up
+from tests.faults.test_crash import final_drain
 
 BIN = Path(sys.executable).parent
 DEPLOY = PROJECT_ROOT / "deploy" / "prometheus"
@@ -105,8 +109,11 @@ class Prometheus:
 
 
 @pytest.fixture
-def monitored(clean_sinks: Settings, tmp_path: Path) -> Iterator[Prometheus]:
-    """Exporter and Prometheus, a stream run and 300 changes/s of traffic, all on loopback."""
+def monitored(
+    clean_sinks: Settings, tmp_path: Path
+) -> Iterator[tuple[Prometheus, Callable[[], None]]]:
+    """Exporter and Prometheus, a stream run and 300 changes/s of traffic, all on loopback; and
+    what stops the traffic and the stream run (at the end, or earlier to check the sinks)."""
     with connect(clean_sinks.pg_dsn) as conn, conn.cursor() as cur:
         cur.execute("TRUNCATE engagement_events, content")
     seed_content(clean_sinks.pg_dsn, 100, seed=5)
@@ -122,7 +129,9 @@ def monitored(clean_sinks: Settings, tmp_path: Path) -> Iterator[Prometheus]:
     stop_traffic = threading.Event()
     traffic = threading.Thread(
         target=run_traffic,
-        args=(clean_sinks.pg_dsn, TrafficOptions(rate=300, seed=9)),
+        # No content updates: events keep the content of their commit, PostgreSQL only the newest
+        # (the exactness check joins the newest).
+        args=(clean_sinks.pg_dsn, TrafficOptions(rate=300, seed=9, content_update_ratio=0.0)),
         kwargs={"stop": stop_traffic},
     )
     stream = subprocess.Popen(
@@ -130,22 +139,29 @@ def monitored(clean_sinks: Settings, tmp_path: Path) -> Iterator[Prometheus]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     traffic.start()
-    try:
-        yield prometheus
-    finally:
+
+    def stop_load() -> None:
         stop_traffic.set()
         traffic.join(timeout=30)
-        stream.send_signal(signal.SIGTERM)
-        stream.wait(timeout=120)
+        if stream.poll() is None:
+            stream.send_signal(signal.SIGTERM)
+        assert stream.wait(timeout=120) == 0
+
+    try:
+        yield prometheus, stop_load
+    finally:
+        stop_load()
         prometheus.stop()
         stop_exporter.set()
         exporter.join(timeout=10)
 
 
 def test_a_stopped_sink_makes_its_alert_condition_true_within_a_minute(
-    monitored: Prometheus, clean_sinks: Settings
+    monitored: tuple[Prometheus, Callable[[], None]],
+    clean_sinks: Settings,
+    fault_report: FaultReport,
 ) -> None:
-    prometheus = monitored
+    prometheus, stop_load = monitored
     kafka = LocalKafka(clean_sinks)
     deadline = time.monotonic() + 120
     while prometheus.query("engagement_sink_up") != {"clickhouse": 1, "redis": 1, "kafka": 1}:
@@ -167,8 +183,18 @@ def test_a_stopped_sink_makes_its_alert_condition_true_within_a_minute(
         print(f"{ALERT}{{sink=kafka}} {active['kafka']} {condition_true_s:.1f} s after the stop")
     finally:
         kafka.start()
+    back = time.monotonic()
+    caught = wait_caught_up(clean_sinks, mark_fault_end(clean_sinks), timeout_s=180, since=back)
     # Back: the condition clears once the sink applies again.
-    deadline = time.monotonic() + 180
+    deadline = back + 180
     while prometheus.alerts(ALERT):
         assert time.monotonic() < deadline, f"{ALERT} still active 180 s after Kafka returned"
         time.sleep(1)
+    cleared_s = time.monotonic() - back
+    stop_load()
+    final_drain()
+    check_exact(
+        fault_report, clean_sinks, recovery_s=max(caught.values()),
+        detail=f"Kafka stopped: {ALERT}{{sink=kafka}} pending {condition_true_s:.0f} s after, "
+        f"cleared {cleared_s:.0f} s after it was back; broker back -> caught up {caught}",
+    )  # fmt: skip

@@ -22,11 +22,8 @@ import pytest
 from engagement_dagster.lib.generator import TrafficOptions, run_traffic, seed_content
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect
-from tests.support import (
-    assert_clickhouse_matches_postgres,
-    assert_kafka_matches_postgres,
-    assert_redis_matches_postgres,
-)
+from tests.faults.conftest import FaultReport
+from tests.faults.exactness import check_exact
 
 BIN = Path(sys.executable).parent
 BACKLOG = int(os.environ.get("ENGAGEMENT_CRASH_BACKLOG", "200000"))
@@ -52,10 +49,11 @@ def final_drain() -> None:
     assert "caught up=True" in done.stdout, done.stdout[-2000:]
 
 
-def assert_exact(settings: Settings) -> None:
-    assert_clickhouse_matches_postgres(settings)
-    assert_redis_matches_postgres(settings)
-    assert_kafka_matches_postgres(settings)
+def timed_final_drain() -> float:
+    """final_drain(), and how long it took."""
+    started = time.monotonic()
+    final_drain()
+    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +77,9 @@ def changes_in_slot(settings: Settings) -> int:
     return int(row[0]) if row else 0
 
 
-def test_kill_9_at_random_moments_while_draining_a_backlog(crash_db: Settings) -> None:
+def test_kill_9_at_random_moments_while_draining_a_backlog(
+    crash_db: Settings, fault_report: FaultReport
+) -> None:
     # Generate until the backlog is there: a busy machine writes slower, never less.
     backlog, deadline = 0, time.monotonic() + 180
     while backlog < BACKLOG and time.monotonic() < deadline:
@@ -115,15 +115,19 @@ def test_kill_9_at_random_moments_while_draining_a_backlog(crash_db: Settings) -
     finally:
         stop.set()
         live.join(timeout=60)
-    final_drain()
-    assert_exact(crash_db)
+    drained_in = timed_final_drain()
+    check_exact(
+        fault_report, crash_db, recovery_s=drained_in,
+        detail=f"{kills} kill -9 while draining a {backlog:,}-change backlog under live "
+        "traffic; recovery: the run after the last kill, start to caught up",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "fault", ["after_sink:redis", "after_sink:clickhouse", "after_sink:kafka", "before_ack"]
 )
 def test_kill_9_between_sink_writes_and_before_the_acknowledgement(
-    crash_db: Settings, fault: str
+    crash_db: Settings, fault: str, fault_report: FaultReport
 ) -> None:
     run_traffic(
         crash_db.pg_dsn,
@@ -135,5 +139,8 @@ def test_kill_9_between_sink_writes_and_before_the_acknowledgement(
     assert process.returncode == -signal.SIGKILL, err.decode()[-3000:]
     assert f"fault injection: kill -9 at {fault}" in err.decode()
     assert changes_in_slot(crash_db) > 0, "the slot moved past changes that were not applied"
-    final_drain()
-    assert_exact(crash_db)
+    drained_in = timed_final_drain()
+    check_exact(
+        fault_report, crash_db, recovery_s=drained_in,
+        detail=f"kill -9 at {fault}; recovery: the next run, start to caught up",
+    )  # fmt: skip
