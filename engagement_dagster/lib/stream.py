@@ -80,7 +80,7 @@ class StreamOptions:
     linger_seconds: float | None = None  # once caught up, exit after this long; 0: at once
     report_every_s: float = 30.0
     retry_base_s: float = 0.5
-    retry_max_s: float = 30.0
+    retry_max_s: float = 5.0  # a sink back from an outage is retried within 5 s
     max_pending_rows: int = 500_000  # per failing sink; beyond it the sink replays from the slot
     # A healthy but slower sink holds the reader back (backpressure) once this many rows wait
     # for it: memory is what is bounded. In rows, not batches: at a steady rate a sink that
@@ -315,10 +315,12 @@ class SinkWorker:
                     "sink %s failed (attempt %d, next in %.1fs): %s",
                     self.sink.name, self.failures, delay, self.last_error,
                 )  # fmt: skip
-                with self._lock:
+                retry_at = time.monotonic() + delay * random.uniform(0.5, 1.0)  # jitter
+                with self._lock:  # new batches notify the lock: wait out the backoff anyway
+                    while not self._closing and time.monotonic() < retry_at:
+                        self._lock.wait(timeout=retry_at - time.monotonic())
                     if self._closing:
                         return False
-                    self._lock.wait(timeout=delay * random.uniform(0.5, 1.0))  # jitter
                 continue
             if self.failures:
                 log.warning("sink %s recovered after %d failures", self.sink.name, self.failures)

@@ -1,0 +1,61 @@
+"""SinkWorker's retries: exponential backoff with jitter, whatever the batch rate."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+import polars as pl
+
+from engagement_dagster.lib.enrich import DEAD_LETTERS_SCHEMA, DELTAS_SCHEMA, ENRICHED_ROWS_SCHEMA
+from engagement_dagster.lib.sinks.base import Sink, SinkBatch
+from engagement_dagster.lib.stream import SinkWorker, StreamOptions, StreamReport
+
+
+class DownSink(Sink):
+    """A sink whose writes fail (a broker that is down): records when each write was tried."""
+
+    name = "down"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts: list[float] = []
+
+    def read_checkpoint(self) -> int:
+        return 0
+
+    def write(self, batch: SinkBatch, checkpoint: int) -> None:
+        self.attempts.append(time.monotonic())
+        raise ConnectionError("broker down")
+
+
+def _batch(lsn: int) -> SinkBatch:
+    return SinkBatch(
+        last_lsn=lsn,
+        rows=pl.DataFrame(schema=ENRICHED_ROWS_SCHEMA),
+        deltas=pl.DataFrame(schema=DELTAS_SCHEMA),
+        dead_letters=pl.DataFrame(schema=DEAD_LETTERS_SCHEMA),
+        first_commit_at=datetime.now(UTC),
+        last_commit_at=datetime.now(UTC),
+    )
+
+
+def test_new_batches_do_not_cut_the_backoff_short() -> None:
+    sink = DownSink()
+    options = StreamOptions(retry_base_s=0.4, retry_max_s=1.6)
+    worker = SinkWorker(sink, options, StreamReport())
+    stop = threading.Event()
+    worker.start()
+    deadline = time.monotonic() + 4.0
+    lsn = 1
+    while time.monotonic() < deadline:  # a batch every 50 ms, as a live stream submits them
+        worker.submit(_batch(lsn), stop=stop)
+        lsn += 1
+        time.sleep(0.05)
+    worker.close(timeout_s=2)
+    gaps = [b - a for a, b in zip(sink.attempts, sink.attempts[1:], strict=False)]
+    # Backoff 0.4, 0.8, 1.6, 1.6 s (jitter: 50-100% of it): a handful of tries in 4 s, not 80.
+    assert 3 <= len(sink.attempts) <= 8, sink.attempts
+    assert all(gap >= 0.19 for gap in gaps), gaps
+    assert max(gaps) <= 1.6 + 0.3, gaps  # retry_max_s caps it
