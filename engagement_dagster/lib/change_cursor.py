@@ -114,7 +114,10 @@ class ChangeCursor:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            select.select([cursor], [], [], min(remaining, 1.0))
+            # poll, not select: select() fails on descriptors above 1023 (a busy process)
+            waiter = select.poll()
+            waiter.register(cursor.fileno(), select.POLLIN)
+            waiter.poll(min(remaining, 1.0) * 1000)
 
     def acknowledge(self, lsn: int) -> None:
         """Tell the server everything up to lsn is durably applied by every sink."""

@@ -369,9 +369,9 @@ class PlatformCollector:
     """What the exporter serves: every process's metrics (live and archived), plus what only
     PostgreSQL and Redis know at scrape time."""
 
-    def __init__(self, settings: Settings, directory: Path = METRICS_DIR) -> None:
+    def __init__(self, settings: Settings, directory: Path | None = None) -> None:
         self.settings = settings
-        self.directory = directory
+        self.directory = directory or settings.metrics_dir
         self._redis = redis_client(settings.redis_url, settings=settings, socket_timeout=2)
 
     def collect(self) -> Iterator[Metric]:
@@ -542,7 +542,7 @@ def serve(settings: Settings, stop: threading.Event) -> None:
     )
     log.info(
         "metrics of %s on http://%s:%d/metrics",
-        METRICS_DIR, settings.metrics_host, settings.metrics_port,
+        settings.metrics_dir, settings.metrics_host, settings.metrics_port,
     )  # fmt: skip
     try:
         stop.wait()

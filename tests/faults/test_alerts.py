@@ -10,6 +10,7 @@ final drain every sink equals PostgreSQL (lost and doubled are reported).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -117,11 +118,20 @@ def monitored(
     with connect(clean_sinks.pg_dsn) as conn, conn.cursor() as cur:
         cur.execute("TRUNCATE engagement_events, content")
     seed_content(clean_sinks.pg_dsn, 100, seed=5)
+    # Metric files of this stream run only: streams run inside the test process by earlier
+    # tests (some with stand-in sinks that fail) are alive and would be served too.
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
     exporter_port = _free_port()
     stop_exporter = threading.Event()
     exporter = threading.Thread(
         target=serve,
-        args=(clean_sinks.model_copy(update={"metrics_port": exporter_port}), stop_exporter),
+        args=(
+            clean_sinks.model_copy(
+                update={"metrics_port": exporter_port, "metrics_dir_override": metrics_dir}
+            ),
+            stop_exporter,
+        ),
         daemon=True,
     )
     exporter.start()
@@ -137,6 +147,7 @@ def monitored(
     stream = subprocess.Popen(
         [str(BIN / "engagement"), "stream", "--run-seconds", "600"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "ENGAGEMENT_METRICS_DIR": str(metrics_dir)},
     )  # fmt: skip
     traffic.start()
 

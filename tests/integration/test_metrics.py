@@ -29,8 +29,20 @@ INSERTS = 40  # valid ones: 30 video (10 s each), 9 podcast (20 s each), 1 unkno
 INVALID = 3  # event_type 'like': dead letters
 
 
+@pytest.fixture(scope="module")
+def metered(clean_sinks: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """This module's own metrics directory: streams that earlier tests ran inside the test
+    process are still alive as far as their metric files go, and would be counted too."""
+    directory = tmp_path_factory.mktemp("metrics")
+    return clean_sinks.model_copy(update={"metrics_dir_override": directory})
+
+
+def metrics_env(settings: Settings) -> dict[str, str]:
+    return {**os.environ, "ENGAGEMENT_METRICS_DIR": str(settings.metrics_dir)}
+
+
 def collect(settings: Settings) -> Samples:
-    collector = PlatformCollector(settings, directory=settings.metrics_dir)
+    collector = PlatformCollector(settings)
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in collector.collect()
@@ -76,19 +88,19 @@ def _load_source(dsn: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stream_run(clean_sinks: Settings) -> Iterator[tuple[Samples, Samples]]:
+def stream_run(metered: Settings) -> Iterator[tuple[Samples, Samples]]:
     """Metrics before and after one `engagement stream --until-caught-up` over known data."""
-    before = collect(clean_sinks)
-    _load_source(clean_sinks.pg_dsn)
+    before = collect(metered)
+    _load_source(metered.pg_dsn)
     result = subprocess.run(
         [str(BIN / "engagement"), "stream", "--until-caught-up"],
         capture_output=True,
         text=True,
         timeout=300,
-        env=os.environ.copy(),
+        env=metrics_env(metered),
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    yield before, collect(clean_sinks)
+    yield before, collect(metered)
 
 
 def test_counts_of_a_finished_run_are_kept(stream_run: tuple[Samples, Samples]) -> None:
@@ -155,15 +167,15 @@ def test_scrape_time_values_come_from_the_sources(
 
 
 def test_files_of_ended_runs_are_folded(
-    stream_run: tuple[Samples, Samples], settings: Settings
+    stream_run: tuple[Samples, Samples], metered: Settings
 ) -> None:
-    files = sorted(p.name for p in settings.metrics_dir.glob("*.db"))
+    files = sorted(p.name for p in metered.metrics_dir.glob("*.db"))
     owners = {name.rsplit("_", 1)[1][: -len(".db")] for name in files}
     assert owners <= {"archive", str(os.getpid())}, files
 
 
 def test_endpoint_serves_the_same_values(
-    stream_run: tuple[Samples, Samples], settings: Settings
+    stream_run: tuple[Samples, Samples], metered: Settings
 ) -> None:
     _, after = stream_run
     with socket.socket() as probe:
@@ -171,7 +183,7 @@ def test_endpoint_serves_the_same_values(
         port = probe.getsockname()[1]
     stop = threading.Event()
     server = threading.Thread(
-        target=serve, args=(settings.model_copy(update={"metrics_port": port}), stop), daemon=True
+        target=serve, args=(metered.model_copy(update={"metrics_port": port}), stop), daemon=True
     )
     server.start()
     try:
@@ -191,7 +203,7 @@ def test_endpoint_serves_the_same_values(
 
 
 def test_status_shows_checkpoints_dead_letters_and_what_to_do(
-    stream_run: tuple[Samples, Samples],
+    stream_run: tuple[Samples, Samples], metered: Settings
 ) -> None:
     _, after = stream_run
     result = subprocess.run(
@@ -199,7 +211,7 @@ def test_status_shows_checkpoints_dead_letters_and_what_to_do(
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**metrics_env(metered), "COLUMNS": "200"},
     )
     out = result.stdout
     assert result.returncode == 1, out  # nothing consumes the slot: something to do
