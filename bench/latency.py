@@ -6,13 +6,14 @@ steady traffic, commits a probe every `--probe-every` seconds and records when e
 namespace). Also reports the longest stall of the Redis checkpoint, which is the handover gap
 between two stream runs. Prints one JSON object. Never writes to a sink; it only reads them.
 
-    .venv/bin/python bench/latency.py --rate 2000 --seconds 120
+    .venv/bin/python bench/latency.py --rate 2000 --seconds 120 [--series probes.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from engagement_dagster.lib.bench import measure_latency
 from engagement_dagster.lib.settings import get_settings
@@ -24,6 +25,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to measure")
     parser.add_argument("--probe-every", type=float, default=0.2, help="seconds between probes")
     parser.add_argument("--workers", type=int, default=2, help="generator connections")
+    parser.add_argument(
+        "--sinks",
+        help="comma-separated sinks to watch live (default: all, but not an embedded chDB: "
+        "reading it from here makes the stream hand it over; its figure then comes from "
+        "ClickHouse's own ingested_at stamps)",
+    )
+    parser.add_argument(
+        "--series",
+        type=Path,
+        help="also write each probe's commit time and latency per sink here (JSON lines)",
+    )
     args = parser.parse_args()
     run = measure_latency(
         get_settings(),
@@ -31,6 +43,7 @@ def main() -> None:
         seconds=args.seconds,
         probe_every=args.probe_every,
         workers=args.workers,
+        sinks=tuple(args.sinks.split(",")) if args.sinks else None,
     )
     result: dict[str, object] = {
         "offered_rate": run.offered_rate,
@@ -39,6 +52,8 @@ def main() -> None:
         **run.latency_ms,
         "redis_longest_stall_ms": run.redis_longest_stall_ms,
     }
+    if args.series:
+        args.series.write_text("".join(json.dumps(row) + "\n" for row in run.series))
     print(json.dumps(result))
 
 
