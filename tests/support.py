@@ -1,18 +1,22 @@
-"""Helpers that tests share: resetting the test database and its replication slots."""
+"""Helpers that tests share: resetting the test database and its replication slots, running
+SQL, inserting events, running a stream in a thread, and comparing the sinks with PostgreSQL."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg2.extensions
-from psycopg2 import sql
+from psycopg2 import sql as pgsql
 
 from engagement_dagster.lib.pipeline import build_stream
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect, init_source
-from engagement_dagster.lib.stream import StreamOptions, StreamReport
+from engagement_dagster.lib.stream import Stream, StreamOptions, StreamReport
 
 DROP_SLOTS_OF_DATABASE = """
 SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
@@ -29,10 +33,35 @@ def reset_test_database(settings: Settings, *, recreate: bool = True) -> None:
     with connect(maintenance) as conn, conn.cursor() as cur:
         cur.execute(DROP_SLOTS_OF_DATABASE, {"db": dbname})
         cur.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(dbname))
         )
     if recreate:
         init_source(settings.pg_dsn, slot=settings.slot, publication=settings.publication)
+
+
+# --- the source database, directly -------------------------------------------------------
+
+
+def sql(dsn: str, statement: str, *args: object) -> list[tuple[Any, ...]]:
+    """Run one statement (args as its parameters); its rows, or [] when it returns none."""
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(statement, args or None)
+        return cur.fetchall() if cur.description else []
+
+
+def insert_event(
+    dsn: str, content_id: str | None, user_id: str, at: datetime, duration_ms: int | None
+) -> int:
+    """One 'play' event from the web at `at`; its id."""
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, "
+            "duration_ms, device) VALUES (%s, %s, 'play', %s, %s, 'web') RETURNING id",
+            (content_id, user_id, at, duration_ms),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 # --- one test module's pipeline starts afresh --------------------------------------------
@@ -77,6 +106,33 @@ def drain(settings: Settings) -> StreamReport:
     assert report.caught_up, report
     assert not any(report.sink_errors.values()), report.sink_errors
     return report
+
+
+@contextmanager
+def streaming(settings: Settings, *, run_seconds: float, name: str) -> Iterator[Stream]:
+    """A stream run tailing the slot in a daemon thread; on exit it finishes its batch and stops.
+
+    The run must still be going, without an error, when the block ends; after the stop it must
+    have ended without an error and with no sink failing."""
+    stream = build_stream(settings, StreamOptions(run_seconds=run_seconds, report_every_s=60))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            stream.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        yield stream
+        assert thread.is_alive() and not errors, f"the stream stopped: {errors}"
+    finally:
+        stream.stop.set()
+        thread.join(timeout=120)
+    assert not thread.is_alive() and not errors, errors
+    assert not any(stream.report.sink_errors.values()), stream.report.sink_errors
 
 
 # --- what the sinks should hold, computed from PostgreSQL, and what they do hold -----------

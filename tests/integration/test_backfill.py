@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -23,11 +23,11 @@ from engagement_dagster.assets.history import clickhouse_enriched_engagements, r
 from engagement_dagster.lib.backfill import REPLAY_OP, backfill_days, day_bounds
 from engagement_dagster.lib.clickhouse import clickhouse_client
 from engagement_dagster.lib.generator import seed_content
-from engagement_dagster.lib.pipeline import build_stream, default_sinks
+from engagement_dagster.lib.pipeline import default_sinks
 from engagement_dagster.lib.restart import RestartRefused, restart_from
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect
-from engagement_dagster.lib.stream import Stream, StreamOptions
+from engagement_dagster.lib.stream import Stream
 from engagement_dagster.resources import (
     ClickHouseResource,
     KafkaResource,
@@ -39,6 +39,7 @@ from tests.support import (
     assert_kafka_matches_postgres,
     assert_redis_matches_postgres,
     drain,
+    streaming,
 )
 
 EVENTS_PER_DAY = 400
@@ -225,26 +226,8 @@ def test_stale_rows_go_even_when_the_stream_is_behind(history: Settings, source_
     assert_clickhouse_matches_postgres(history)
 
 
-@contextmanager
-def running_stream(settings: Settings) -> Iterator[Stream]:
-    stream = build_stream(settings, StreamOptions(run_seconds=300, report_every_s=60))
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            stream.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="test-stream", daemon=True)
-    thread.start()
-    try:
-        yield stream
-    finally:
-        stream.stop.set()
-        thread.join(timeout=120)
-        assert not thread.is_alive(), "the stream did not stop"
-        assert not errors, errors
+def running_stream(settings: Settings) -> AbstractContextManager[Stream]:
+    return streaming(settings, run_seconds=300, name="test-stream")
 
 
 def churn(dsn: str, days: list[date], stop: threading.Event, seed: int) -> int:

@@ -35,7 +35,7 @@ from engagement_dagster.lib.sinks.kafka_contract import KafkaTopics
 from engagement_dagster.lib.source_db import connect
 from engagement_dagster.lib.stream import Stream, StreamOptions
 from engagement_dagster.lib.windows import window_members_key, window_start, window_stats_key
-from tests.support import VALID_EVENT, drain
+from tests.support import VALID_EVENT, drain, insert_event, sql
 
 A, B, UNKNOWN = (str(uuid.uuid4()) for _ in range(3))
 USER = str(uuid.uuid4())
@@ -47,21 +47,8 @@ FK = "engagement_events_content_id_fkey"  # unknown content must still count
 FAST = ReconcileLimits(wait_s=10.0, poll_s=0.2)
 
 
-def sql(dsn: str, statement: str, *args: object) -> None:
-    with connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(statement, args or None)
-
-
 def event(dsn: str, content_id: str | None, at: datetime, duration_ms: int | None) -> int:
-    with connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, "
-            "duration_ms, device) VALUES (%s, %s, 'play', %s, %s, 'web') RETURNING id",
-            (content_id, USER, at, duration_ms),
-        )
-        row = cur.fetchone()
-    assert row is not None
-    return int(row[0])
+    return insert_event(dsn, content_id, USER, at, duration_ms)
 
 
 def truth(dsn: str, start: datetime) -> Count:

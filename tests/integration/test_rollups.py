@@ -31,7 +31,7 @@ from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.redis import read_window
 from engagement_dagster.lib.source_db import connect
 from engagement_dagster.lib.windows import Window, window_start, window_top_key
-from tests.support import VALID_EVENT, drain
+from tests.support import VALID_EVENT, drain, insert_event, sql
 
 TTL_10M = 4321  # set through the environment below: the TTLs are configuration
 A, B, C, UNKNOWN = (str(uuid.uuid4()) for _ in range(4))
@@ -81,23 +81,6 @@ SELECT c.content_type, count(*), sum(coalesce(e.duration_ms, 0)) / 1000.0,
 FK = "engagement_events_content_id_fkey"  # unknown content must still count
 
 
-def sql(dsn: str, statement: str, *args: object) -> None:
-    with connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(statement, args or None)
-
-
-def event(dsn: str, content_id: str, user_id: str, at: datetime, duration_ms: int | None) -> int:
-    with connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, "
-            "duration_ms, device) VALUES (%s, %s, 'play', %s, %s, 'web') RETURNING id",
-            (content_id, user_id, at, duration_ms),
-        )
-        row = cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 @pytest.fixture(scope="module")
 def instance() -> Iterator[dg.DagsterInstance]:
     with dg.instance_for_test() as instance:
@@ -135,7 +118,7 @@ def rollup_db(source_dsn: str, clean_sinks: Settings) -> Iterator[Settings]:
             (MIDWEEK + timedelta(seconds=3), B, U1, 1),
             (MIDWEEK + timedelta(seconds=4), C, U3, 42_000),
         ]:
-            event(dsn, content, user, at, ms)
+            insert_event(dsn, content, user, at, ms)
         drain(clean_sinks)
         yield clean_sinks
 
@@ -302,7 +285,7 @@ def test_late_events_updates_and_deletes_reach_rollups_windows_and_summaries(
     rollup_db: Settings, instance: dg.DagsterInstance
 ) -> None:
     dsn = rollup_db.pg_dsn
-    late = event(dsn, B, U2, LAST + timedelta(seconds=400), 20_000)
+    late = insert_event(dsn, B, U2, LAST + timedelta(seconds=400), 20_000)
     with connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(  # moved to other content
             "UPDATE engagement_events SET content_id = %s WHERE event_ts = %s",

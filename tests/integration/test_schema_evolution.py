@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,17 +26,18 @@ from engagement_dagster.lib.clickhouse import clickhouse_client
 from engagement_dagster.lib.contract import current_schemas
 from engagement_dagster.lib.generator import TrafficOptions, run_traffic, seed_content
 from engagement_dagster.lib.pgoutput import parse_lsn
-from engagement_dagster.lib.pipeline import build_stream
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.kafka_contract import DLQ_TOPIC, ENRICHED_TOPIC
 from engagement_dagster.lib.source_db import connect, init_source
-from engagement_dagster.lib.stream import Stream, StreamOptions
+from engagement_dagster.lib.stream import Stream
 from tests.support import (
     assert_clickhouse_matches_postgres,
     assert_kafka_matches_postgres,
     assert_redis_matches_postgres,
     drain,
     kafka_versions,
+    sql,
+    streaming,
 )
 
 TRAFFIC = TrafficOptions(
@@ -46,12 +47,6 @@ TRAFFIC = TrafficOptions(
 # every dead letter): they touch events two hours old, outside the live board's ten minutes,
 # so the board is compared exactly; closed windows are rewritten from ClickHouse by the rollups.
 OLD = "now() - interval '2 hours'"
-
-
-def sql(dsn: str, statement: str, *args: object) -> list[tuple[Any, ...]]:
-    with connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(statement, args or None)
-        return cur.fetchall() if cur.description else []
 
 
 def wal_lsn(dsn: str) -> int:
@@ -69,28 +64,9 @@ def evolving(source_dsn: str, clean_sinks: Settings) -> Iterator[Settings]:
     init_source(source_dsn, slot=clean_sinks.slot, publication=clean_sinks.publication)
 
 
-@contextmanager
-def live_stream(settings: Settings) -> Iterator[Stream]:
+def live_stream(settings: Settings) -> AbstractContextManager[Stream]:
     """A stream run tailing the slot in a thread; on exit it finishes its batch and stops."""
-    stream = build_stream(settings, StreamOptions(run_seconds=600, report_every_s=60))
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            stream.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="schema-evolution-stream", daemon=True)
-    thread.start()
-    try:
-        yield stream
-        assert thread.is_alive() and not errors, f"the stream stopped: {errors}"
-    finally:
-        stream.stop.set()
-        thread.join(timeout=120)
-    assert not thread.is_alive() and not errors, errors
-    assert not any(stream.report.sink_errors.values()), stream.report.sink_errors
+    return streaming(settings, run_seconds=600, name="schema-evolution-stream")
 
 
 def wait_until(what: str, condition: Any, timeout_s: float = 90.0) -> None:

@@ -31,17 +31,13 @@ from tests.support import (
     assert_kafka_matches_postgres,
     assert_redis_matches_postgres,
     drain,
+    sql,
 )
 
 PODCAST, NO_LENGTH, ZERO_LENGTH = (str(uuid.uuid4()) for _ in range(3))
 UNKNOWN = str(uuid.uuid4())
 USER = str(uuid.uuid4())
 BIG_PAYLOAD = json.dumps({"notes": "ü€😀 " * 20_000, "kind": "big"}, ensure_ascii=False)  # 200 kB
-
-
-def sql(dsn: str, statement: str, *args: object) -> None:
-    with connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(statement, args or None)
 
 
 @pytest.fixture(scope="module")
