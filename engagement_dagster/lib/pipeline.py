@@ -6,21 +6,25 @@ the two can never differ; adding a fourth sink is one line in `default_sinks`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+from engagement_dagster.lib.clickhouse import chdb_path
 from engagement_dagster.lib.enrich import EnrichRules
 from engagement_dagster.lib.kafka_config import kafka_client_config, librdkafka_config
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.base import Sink
-from engagement_dagster.lib.sinks.clickhouse import ClickHouseSink
+from engagement_dagster.lib.sinks.clickhouse import SINK_NAME, ClickHouseSink
+from engagement_dagster.lib.sinks.isolated import IsolatedSink
 from engagement_dagster.lib.sinks.kafka import KafkaSink
 from engagement_dagster.lib.sinks.kafka_confluent import ConfluentKafkaSink
 from engagement_dagster.lib.sinks.redis import RedisSink
 from engagement_dagster.lib.stream import Stream, StreamOptions, StreamReport
 
 
-def default_sinks(settings: Settings) -> list[Sink]:
-    """Redis first: it has the tightest latency target, and sinks start in this order."""
+def default_sinks(settings: Settings, *, isolate: bool = False) -> list[Sink]:
+    """Redis first: it has the tightest latency target, and sinks start in this order.
+    `isolate`: an embedded chDB sink runs in a process of its own (see clickhouse_sink)."""
     return [
         RedisSink(
             settings.redis_url,
@@ -29,9 +33,21 @@ def default_sinks(settings: Settings) -> list[Sink]:
             source_dsn=settings.pg_dsn,  # to rebuild its keys if Redis loses them
             rules=enrich_rules(settings),
         ),
-        ClickHouseSink(settings.clickhouse_dsn, hold_s=settings.clickhouse_hold_seconds),
+        clickhouse_sink(settings, isolate=isolate),
         kafka_sink(settings),
     ]
+
+
+def clickhouse_sink(settings: Settings, *, isolate: bool = False) -> Sink:
+    """The ClickHouse sink. With `isolate` and embedded chDB, in a process of its own
+    (lib/sinks/isolated.py): opening chDB holds the GIL, and a stream opens it again after every
+    other reader. Short-lived users (restart, tests) keep it in-process."""
+    factory = functools.partial(
+        ClickHouseSink, settings.clickhouse_dsn, hold_s=settings.clickhouse_hold_seconds
+    )
+    if not isolate or chdb_path(settings.clickhouse_dsn) is None:
+        return factory()
+    return IsolatedSink(SINK_NAME, factory)
 
 
 def kafka_sink(settings: Settings) -> Sink:
@@ -67,7 +83,7 @@ def build_stream(
         dsn=settings.pg_dsn,
         slot=settings.slot,
         publication=settings.publication,
-        sinks=default_sinks(settings),
+        sinks=default_sinks(settings, isolate=True),
         options=options,
         rules=enrich_rules(settings),
         on_report=on_report,
