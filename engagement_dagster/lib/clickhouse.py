@@ -5,11 +5,18 @@ exclusive file lock (`<path>.lock`) for a short open/use/close section; never ke
 open across batches or hand one to another thread. A process waiting for the lock says so with a
 shared lock on `<path>.want`, so that the stream's long-held session lets go only when somebody
 waits (lib/clickhouse.ClickHouseSession).
+
+Embedded chDB is opened at nice 10 (`below_the_stream`): chDB loads the database's parts with a
+pool of threads as wide as the machine on every open, and at normal priority that burst delayed
+the stream's Redis and Kafka writes by up to a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +28,33 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from engagement_dagster.lib.secure import clickhouse_server_args
+
+NICENESS = 10
+
+
+@contextmanager
+def below_the_stream() -> Iterator[None]:
+    """Open embedded chDB at nice 10: the engine threads the open starts keep that priority.
+
+    At 2,000 changes/s with another process opening chDB every 10 s, commit -> Redis p99 was
+    1.07 s; with the stream's ClickHouse process and the reader's engine threads at nice 10,
+    0.53 s (0.33 s with no reader). Linux niceness is per thread and raising it needs no
+    privilege; the calling thread gets its own back afterwards where that is allowed (root,
+    CAP_SYS_NICE), else it keeps nice 10.
+    """
+    thread = threading.get_native_id()
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, thread)
+        if before < NICENESS:
+            os.setpriority(os.PRIO_PROCESS, thread, NICENESS)
+    except OSError:
+        before = None
+    try:
+        yield
+    finally:
+        if before is not None and before < NICENESS:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, thread, before)
 
 
 class ClickHouseLockTimeout(TimeoutError):
@@ -93,7 +127,8 @@ def clickhouse_client(dsn: str, *, lock_timeout_s: float = 60.0) -> Iterator[Cli
             client.close()
         return
     with _chdb_lock(path, lock_timeout_s):
-        client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        with below_the_stream():
+            client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
         try:
             yield client
         finally:
@@ -155,7 +190,8 @@ class ClickHouseSession:
             self._lock_file = lock_file
             self._want = open(f"{self.path}.want", "a+")  # noqa: SIM115 - closed in release
             try:
-                self._client = clickhouse_connect.get_client(dsn=f"chdb://{self.path}")
+                with below_the_stream():
+                    self._client = clickhouse_connect.get_client(dsn=f"chdb://{self.path}")
             except BaseException:
                 self.release()
                 raise

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from engagement_dagster.lib.clickhouse import ClickHouseSession
+from engagement_dagster.lib.clickhouse import NICENESS, ClickHouseSession
 
 READER = """
 import sys, time
@@ -55,3 +55,40 @@ def test_held_while_nobody_waits_released_when_somebody_does(tmp_path: Path) -> 
     with session.use() as client:
         assert client.query("SELECT 1").result_rows == [(1,)]
     session.release()
+
+
+NICENESS_PROBE = """
+import os, sys
+from pathlib import Path
+from engagement_dagster.lib.clickhouse import clickhouse_client
+
+def nice_of_threads():
+    values = []
+    for task in Path("/proc/self/task").iterdir():
+        stat = (task / "stat").read_text()
+        values.append(int(stat[stat.rindex(")") + 2:].split()[16]))  # field 19: nice
+    return values
+
+before = os.getpriority(os.PRIO_PROCESS, 0)
+threads_before = len(nice_of_threads())
+with clickhouse_client(sys.argv[1]) as client:
+    client.query("SELECT 1")
+    engine = nice_of_threads()
+print(before, os.getpriority(os.PRIO_PROCESS, 0), threads_before, " ".join(map(str, engine)))
+"""
+
+
+def test_embedded_chdb_opens_below_the_stream(tmp_path: Path) -> None:
+    """The engine threads an open starts run at nice 10; the opening thread gets its own
+    priority back (this runs as root; without privilege it would keep nice 10)."""
+    out = subprocess.run(
+        [sys.executable, "-c", NICENESS_PROBE, f"chdb://{tmp_path / 'db'}"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    before, after, threads_before, *engine = (int(v) for v in out.stdout.split())
+    assert before < NICENESS and after == before, (before, after)
+    # None of the threads the open started runs at the opener's priority (a couple are set to
+    # -20 by the engine itself; as root it may).
+    assert len(engine) > threads_before, engine
+    assert sum(n == before for n in engine) == threads_before, (before, threads_before, engine)
+    assert any(n >= NICENESS for n in engine), engine

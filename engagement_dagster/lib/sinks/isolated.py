@@ -10,7 +10,8 @@ tick and close over a pipe and gets back the result or the exception; `Sink.appl
 checkpoint filter) stays on this side, so the protocol of DESIGN §6 is unchanged: the child
 writes the data and then its checkpoint, as the sink always did. The child dies with its parent
 (PR_SET_PDEATHSIG), so a stream killed with -9 leaves no writer holding the database, and it
-ignores SIGINT/SIGTERM: the parent finishes its batch and then closes it.
+ignores SIGINT/SIGTERM: the parent finishes its batch and then closes it. It runs at nice 10, below
+the stream: chDB's part loading at every reopen spans every core (lib/clickhouse.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from engagement_dagster.lib.clickhouse import NICENESS
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,7 @@ class IsolatedSink(Sink):
 def _serve(conn: Connection, factory: Callable[[], Sink], parent_pid: int) -> None:
     """The child: build the sink, then answer calls until close or the parent is gone."""
     _die_with_parent(parent_pid)
+    os.nice(NICENESS)  # below the stream, whose reader and other sinks must not wait for us
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # the parent finishes its batch, then closes us
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
