@@ -58,10 +58,25 @@ def test_writes_and_checkpoints_as_in_process(tmp_path: Path) -> None:
         assert sink.read_checkpoint() == 100
     finally:
         sink.close()
-    assert sink.pid is None
+    assert sink.pid is None and sink.exit_code == 0
     with clickhouse_client(dsn) as client:  # the child let go of the database
         rows = client.query("SELECT max(lsn) FROM engagement._checkpoints").result_rows
     assert rows == [(100,)]
+
+
+def test_the_child_outlives_the_thread_that_started_it_and_closes_cleanly(tmp_path: Path) -> None:
+    """A stream's sink worker thread starts the child and ends before the sink is closed."""
+    dsn = f"chdb://{tmp_path / 'db'}"
+    sink = IsolatedSink(SINK_NAME, functools.partial(ClickHouseSink, dsn))
+    worker = threading.Thread(target=lambda: (sink.setup(), sink.apply(empty_batch(3))))
+    worker.start()
+    worker.join(60)
+    assert sink.pid is not None
+    time.sleep(1.0)
+    child = psutil.Process(sink.pid)
+    assert child.status() != psutil.STATUS_ZOMBIE
+    sink.close()
+    assert sink.exit_code == 0  # closed, not killed
 
 
 def test_exceptions_come_back_by_type_and_a_dead_child_is_replaced() -> None:

@@ -2,28 +2,33 @@
 
 Embedded chDB starts its engine inside `connect()` without letting go of the GIL, and the stream
 opens it again each time another process had the database (lib/clickhouse.py: a rollup run, a
-check, `engagement top`). Each reopen froze every thread of the stream for 0.5-1 s: at 2,000
+check, a backfill). Each reopen froze every thread of the stream for 0.5-1 s: at 2,000
 changes/s with a reader every 10 s, commit -> Redis p99 went from 0.33 s to 0.9-1.1 s.
 
 Here the sink lives in a spawned child. `IsolatedSink` forwards read_checkpoint, write, setup,
 tick and close over a pipe and gets back the result or the exception; `Sink.apply` (the
 checkpoint filter) stays on this side, so the protocol of DESIGN §6 is unchanged: the child
-writes the data and then its checkpoint, as the sink always did. The child dies with its parent
-(PR_SET_PDEATHSIG), so a stream killed with -9 leaves no writer holding the database, and it
-ignores SIGINT/SIGTERM: the parent finishes its batch and then closes it. It runs at nice 10, below
-the stream: chDB's part loading at every reopen spans every core (lib/clickhouse.py).
+writes the data and then its checkpoint, as the sink always did.
+
+The child ends with its parent: a stream killed with -9 closes the pipe, and the child finishes
+the write under way (data, then checkpoint: as if it had ended just before the kill), lets go of
+the database and exits; one stuck in a write is ended ORPHAN_GRACE_S after its parent is gone.
+(Not PR_SET_PDEATHSIG: it fires when the *thread* that started the child ends, which would kill
+it mid-shutdown at every normal end of a run.) It ignores SIGINT/SIGTERM: the parent finishes
+its batch and then closes it. It runs at nice 10, below the stream: chDB's part loading at every
+reopen spans every core (lib/clickhouse.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -34,8 +39,8 @@ from engagement_dagster.lib.sinks.base import Sink, SinkBatch
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 CLOSE_TIMEOUT_S = 30.0
+ORPHAN_GRACE_S = 60.0  # a child whose parent is gone ends after this, even mid-write
 
 
 class SinkProcessError(RuntimeError):
@@ -53,6 +58,7 @@ class IsolatedSink(Sink):
         self._lock = threading.Lock()
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
+        self.exit_code: int | None = None  # of the last child, once it ended
 
     @property
     def pid(self) -> int | None:
@@ -124,12 +130,13 @@ class IsolatedSink(Sink):
         if process.is_alive():
             process.kill()
             process.join(5.0)
+        self.exit_code = process.exitcode
         return process.exitcode
 
 
 def _serve(conn: Connection, factory: Callable[[], Sink], parent_pid: int) -> None:
     """The child: build the sink, then answer calls until close or the parent is gone."""
-    _die_with_parent(parent_pid)
+    threading.Thread(target=_end_when_orphaned, args=(parent_pid,), daemon=True).start()
     os.nice(NICENESS)  # below the stream, whose reader and other sinks must not wait for us
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # the parent finishes its batch, then closes us
@@ -138,7 +145,7 @@ def _serve(conn: Connection, factory: Callable[[], Sink], parent_pid: int) -> No
     while True:
         try:
             method, args = conn.recv()
-        except EOFError:
+        except EOFError:  # the parent closed the pipe or died: let go of the database
             break
         try:
             answer: tuple[bool, Any] = (True, getattr(sink, method)(*args))
@@ -160,10 +167,9 @@ def _portable(exc: Exception) -> Exception:
     return exc
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when its parent dies (Linux); exit at once if it already has."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(1)
+def _end_when_orphaned(parent_pid: int) -> None:
+    """Exit ORPHAN_GRACE_S after the parent is gone, in case a write never returns."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    time.sleep(ORPHAN_GRACE_S)
+    os._exit(1)
