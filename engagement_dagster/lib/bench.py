@@ -46,6 +46,8 @@ from engagement_dagster.lib.kafka_config import kafka_client_config
 from engagement_dagster.lib.pgoutput import parse_lsn
 from engagement_dagster.lib.secure import redis_client
 from engagement_dagster.lib.settings import PROJECT_ROOT, Settings, get_settings
+from engagement_dagster.lib.sinks.clickhouse import READ_CHECKPOINT
+from engagement_dagster.lib.sinks.clickhouse import SINK_NAME as CLICKHOUSE_SINK
 from engagement_dagster.lib.sinks.kafka_contract import CHECKPOINT_TOPIC, checkpoint_lsn
 from engagement_dagster.lib.sinks.redis import CHECKPOINT_KEY
 from engagement_dagster.lib.source_db import connect, init_source, slot_info
@@ -88,7 +90,6 @@ SELECT quantiles(0.5, 0.95, 0.99)(dateDiff('millisecond', source_committed_at, i
   FROM engagement.enriched_engagements
  WHERE source_committed_at >= {since:DateTime64(6)} AND source_committed_at < {until:DateTime64(6)}
 """
-CLICKHOUSE_CHECKPOINT = "SELECT max(lsn) FROM engagement._checkpoints WHERE sink = 'clickhouse'"
 PROBES_PRESENT = """
 SELECT count(DISTINCT event_id) FROM engagement.enriched_engagements
  WHERE event_id IN {ids:Array(Int64)}
@@ -739,9 +740,11 @@ def stamped_clickhouse_latency(
     deadline = time.monotonic() + settle_s
     while True:
         with clickhouse_client(settings.clickhouse_dsn) as client:
-            checkpoint = client.query(CLICKHOUSE_CHECKPOINT).result_rows[0][0] or 0
+            checkpoint = client.query(
+                READ_CHECKPOINT, parameters={"sink": CLICKHOUSE_SINK}
+            ).result_rows[0][0]
             present = client.query(PROBES_PRESENT, parameters={"ids": probe_ids}).result_rows
-        if int(checkpoint) >= final_lsn or time.monotonic() > deadline:
+        if int(checkpoint or 0) >= final_lsn or time.monotonic() > deadline:
             break
         time.sleep(1.0)  # a reader holding chDB keeps the stream from writing: let go a while
     return {
