@@ -51,6 +51,7 @@ from engagement_dagster.lib.sinks.clickhouse import SINK_NAME as CLICKHOUSE_SINK
 from engagement_dagster.lib.sinks.kafka_contract import CHECKPOINT_TOPIC, checkpoint_lsn
 from engagement_dagster.lib.sinks.redis import CHECKPOINT_KEY
 from engagement_dagster.lib.source_db import connect, init_source, slot_info
+from engagement_dagster.lib.stream import fewer_collections
 
 BENCH_REDIS_DB = 9  # the demo uses 0, test sessions 10-15 (tests/conftest.py)
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
@@ -657,16 +658,17 @@ def raw_decode(settings: Settings, target_lsn: int, timeout_s: float = 1800) -> 
     started = last_read = time.monotonic()
     cursor.open()
     try:
-        while time.monotonic() - started < timeout_s:
-            transaction = cursor.read(timeout_s=0.5)
-            if transaction is not None:
-                changes += len(transaction.changes)
-                transactions += 1
-                last_read = time.monotonic()
-            elif cursor.position.server_wal_end >= target_lsn:
-                break
-        else:
-            raise TimeoutError(f"raw decode did not reach the target in {timeout_s:.0f}s")
+        with fewer_collections():  # as the stream decodes
+            while time.monotonic() - started < timeout_s:
+                transaction = cursor.read(timeout_s=0.5)
+                if transaction is not None:
+                    changes += len(transaction.changes)
+                    transactions += 1
+                    last_read = time.monotonic()
+                elif cursor.position.server_wal_end >= target_lsn:
+                    break
+            else:
+                raise TimeoutError(f"raw decode did not reach the target in {timeout_s:.0f}s")
     finally:
         cursor.close()
     return DecodeRun(changes, transactions, last_read - started)

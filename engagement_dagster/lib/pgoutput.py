@@ -7,6 +7,7 @@ Pure bytes in, typed values out: no I/O, and never a guess: a message it cannot 
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import struct
 from collections.abc import Callable, Mapping
@@ -99,9 +100,10 @@ def parse_lsn(text: str) -> int:
     return int(match.group(1), 16) << 32 | int(match.group(2), 16)
 
 
+@functools.lru_cache(maxsize=1)  # a transaction's Begin and Commit carry the same time
 def _timestamp(micros: int) -> datetime:
     """PostgreSQL TimestampTz: microseconds since 2000-01-01 00:00 UTC."""
-    return _PG_EPOCH + timedelta(microseconds=micros)
+    return _PG_EPOCH + timedelta(0, 0, micros)  # positional: half the cost of microseconds=
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ when it comes back it catches up from the slot. Nothing here imports Dagster.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import os
@@ -17,9 +18,10 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import psycopg2
@@ -39,7 +41,7 @@ from engagement_dagster.lib.enrich import (
     fold_content_versions,
 )
 from engagement_dagster.lib.event_schema import EventShape, content_mismatch, event_shape
-from engagement_dagster.lib.pgoutput import Change, Transaction, format_lsn
+from engagement_dagster.lib.pgoutput import UNCHANGED_TOAST, Change, Transaction, format_lsn
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
 from engagement_dagster.lib.source_db import connect, restart_distance, successor_waiting
 
@@ -371,6 +373,27 @@ class StreamReport:
     sink_errors: dict[str, str | None] = field(default_factory=dict)
 
 
+# The cyclic garbage collector's generation thresholds while streaming. With CPython's (700, 10,
+# 10) it runs every 700 allocations and walks the batch's live objects (decoded tuples, Changes)
+# again and again: decoding and framing 100k captured changes took 1.78 s, 1.34 s with these
+# (medians of 5). Memory is freed by reference counting; the collector only finds cycles.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+@contextmanager
+def fewer_collections() -> Iterator[None]:
+    """Collect cycles less often, and never walk what was allocated before (imports, caches:
+    gc.freeze); the process's own thresholds come back at the end."""
+    before = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
 class Stream:
     """One stream run. Call `run()`; set `stop` (or send SIGTERM) to finish the batch and exit."""
 
@@ -415,7 +438,7 @@ class Stream:
 
     def run(self) -> StreamReport:
         metrics.STREAM_RUNS.inc()
-        with metrics.STREAM_RUNNING.track_inprogress():
+        with metrics.STREAM_RUNNING.track_inprogress(), fewer_collections():
             return self._run()
 
     def _run(self) -> StreamReport:
@@ -604,21 +627,19 @@ class Stream:
         need (schema_mismatch: delivered as dead letters in this batch, never dropped)."""
         ops: list[str] = []
         lsns: list[int] = []
-        commits: list[datetime] = []
+        commits: list[int] = []  # microseconds since the epoch: a Series of datetimes is ~1 us each
         image: list[list[str | None]] = [[] for _ in EVENT_COLUMNS]
         old: list[list[str | None]] = [[] for _ in EVENT_COLUMNS]
         versions: list[ContentVersion] = []
         letters: list[_Letter] = []
-        width = len(EVENT_COLUMNS)
-        columns: tuple[str, ...] | None = None  # the relation version `shape` was read for
-        types: tuple[int, ...] | None = None
-        shape = _shape(EVENT_COLUMNS, ())  # replaced at the first event change
+        run = _Run(EVENT_COLUMNS, ())  # the changes of one relation version in a row
         for transaction in transactions:
+            at = _micros(transaction.commit_ts)
             for change in transaction.changes:
                 if change.op == "truncate":
                     raw = f'{{"op": "truncate", "table": "{change.table}"}}'
-                    lsn, at = transaction.commit_lsn, transaction.commit_ts
-                    letters.append((lsn, None, "truncate", "truncate", raw, at))
+                    lsn, ts = transaction.commit_lsn, transaction.commit_ts
+                    letters.append((lsn, None, "truncate", "truncate", raw, ts))
                     continue
                 if change.table == CONTENT_TABLE:
                     if not _content_readable(change):
@@ -634,31 +655,30 @@ class Stream:
                 if change.table != EVENTS_TABLE:
                     continue
                 # One relation version's changes share their tuples: compared by identity.
-                if change.columns is not columns or change.column_types is not types:
-                    columns, types = change.columns, change.column_types
-                    shape = _shape(columns, types)
-                if shape.mismatch is not None:
+                if change.columns is not run.columns or change.column_types is not run.types:
+                    run.into(image, old)
+                    run = _Run(change.columns, change.column_types)
+                if run.shape.mismatch is not None:
                     letters.append(_mismatch_letter(transaction, change))
                     continue
-                positions = shape.positions
-                main = change.new if change.op != "delete" else change.old
-                prior = change.old if change.op != "insert" else None
-                for i in range(width):
-                    p = positions[i]
-                    image[i].append(_text(main[p]) if main is not None and p >= 0 else None)
-                    old[i].append(_text(prior[p]) if prior is not None and p >= 0 else None)
-                ops.append(change.op)
+                op = change.op
+                run.images.append((change.new if op != "delete" else change.old) or run.blank)
+                run.olds.append((change.old if op != "insert" else None) or run.blank)
+                ops.append(op)
                 lsns.append(transaction.commit_lsn)
-                commits.append(transaction.commit_ts)
+                commits.append(at)
+        run.into(image, old)
         data: dict[str, object] = {
             "seq": pl.Series("seq", range(len(ops)), dtype=pl.UInt32),
             "op": pl.Series("op", ops, dtype=pl.String),
             "source_lsn": pl.Series("source_lsn", lsns, dtype=pl.UInt64),
-            "source_committed_at": pl.Series(commits, dtype=pl.Datetime("us", "UTC")),
+            "source_committed_at": pl.Series(commits, dtype=pl.Int64).cast(
+                pl.Datetime("us", "UTC")
+            ),
         }
         for i, name in enumerate(EVENT_COLUMNS):
-            data[name] = pl.Series(name, image[i], dtype=pl.String)
-            data[f"old_{name}"] = pl.Series(f"old_{name}", old[i], dtype=pl.String)
+            data[name] = _text_series(name, image[i])
+            data[f"old_{name}"] = _text_series(f"old_{name}", old[i])
         return pl.DataFrame(data).select(CHANGES_SCHEMA.names()), versions, letters
 
     def _replay_from_slot(self) -> None:
@@ -789,6 +809,50 @@ def _kill_self(point: str) -> None:
     """Fault injection: die as kill -9 would, with no cleanup at all."""
     log.error("fault injection: kill -9 at %s", point)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _micros(at: datetime) -> int:
+    return (at - _EPOCH) // _MICROSECOND
+
+
+class _Run:
+    """Consecutive changes of one version of engagement_events, gathered as whole tuples and
+    turned into columns at once (zip), ~3x faster than appending value by value."""
+
+    def __init__(self, columns: tuple[str, ...], types: tuple[int, ...]) -> None:
+        self.columns, self.types = columns, types
+        self.shape = _shape(columns, types)
+        self.blank: tuple[None, ...] = (None,) * len(columns)  # no old image: every value NULL
+        self.images: list[tuple[object, ...]] = []
+        self.olds: list[tuple[object, ...]] = []
+
+    def into(self, image: list[list[str | None]], old: list[list[str | None]]) -> None:
+        if not self.images:
+            return
+        absent = (None,) * len(self.images)
+        for gathered, out in ((self.images, image), (self.olds, old)):
+            by_column = list(zip(*gathered, strict=True))
+            for i, p in enumerate(self.shape.positions):
+                out[i].extend(by_column[p] if p >= 0 else absent)
+
+
+def _text_series(name: str, values: list[str | None]) -> pl.Series:
+    """Decoded values are text or None; an unresolved TOAST marker cannot be enriched. Polars
+    refuses any other value, so the marker is looked for only then (looking always: 0.5 s of
+    a 500k-change catch-up)."""
+    try:
+        return pl.Series(name, values, dtype=pl.String)
+    except (TypeError, ValueError):
+        if UNCHANGED_TOAST not in values:
+            raise
+    raise ValueError(
+        "an unchanged TOASTed value could not be resolved from the old row: "
+        "engagement_events needs REPLICA IDENTITY FULL (run `engagement db init`)"
+    )
 
 
 def _text(value: object) -> str | None:

@@ -29,7 +29,7 @@ from engagement_dagster.lib.event_schema import (
     content_mismatch,
     event_shape,
 )
-from engagement_dagster.lib.pgoutput import Transaction, TransactionAssembler
+from engagement_dagster.lib.pgoutput import UNCHANGED_TOAST, Transaction, TransactionAssembler
 from engagement_dagster.lib.stream import Stream, _stream_letters
 from tests.unit.test_pgoutput import (
     EVENT_COLUMNS,
@@ -254,6 +254,22 @@ def test_one_batch_across_add_column_drop_and_restore(caplog: pytest.LogCaptureF
     caplog.clear()
     frames(transactions)  # the same versions again (a replay, a reconnect): said once only
     assert caplog.records == []
+
+
+def test_an_unresolved_toast_marker_stops_the_batch_with_the_fix() -> None:
+    """An update whose unchanged TOASTed value the old row cannot give (a key-only old row:
+    REPLICA IDENTITY DEFAULT) cannot be enriched: the batch fails naming the fix."""
+    toasted = (*row(1)[:7], UNCHANGED_TOAST)  # raw_payload not resent
+    stream = Stream(dsn="postgresql://unused", slot="unused", publication="unused", sinks=[])
+    transactions = assembled(
+        begin(),
+        relation(EVENTS_OID, "engagement_events", EVENT_COLUMNS),
+        insert(EVENTS_OID, *row(2)),
+        update(EVENTS_OID, toasted, (row(1)[0], *[None] * 7), b"K"),
+        commit(),
+    )
+    with pytest.raises(ValueError, match="needs REPLICA IDENTITY FULL"):
+        stream._frames(transactions)
 
 
 def test_content_that_lost_a_column_leaves_its_fields_null(
