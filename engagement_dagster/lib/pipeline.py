@@ -47,7 +47,9 @@ def clickhouse_sink(settings: Settings, *, isolate: bool = False) -> Sink:
     )
     if not isolate or chdb_path(settings.clickhouse_dsn) is None:
         return factory()
-    return IsolatedSink(SINK_NAME, factory)
+    sink = IsolatedSink(SINK_NAME, factory)
+    sink.start()  # its imports run while the stream starts; chDB opens at its first call
+    return sink
 
 
 def kafka_sink(settings: Settings) -> Sink:

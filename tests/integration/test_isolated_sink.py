@@ -43,7 +43,12 @@ class Refusing(Sink):
         return 7
 
     def write(self, batch: SinkBatch, checkpoint: int) -> None:
+        if batch.last_lsn == SLOW_LSN:
+            time.sleep(60)
         raise ValueError(f"refused batch {batch.last_lsn} above {checkpoint}")
+
+
+SLOW_LSN = 99
 
 
 def test_writes_and_checkpoints_as_in_process(tmp_path: Path) -> None:
@@ -79,7 +84,9 @@ def test_the_child_outlives_the_thread_that_started_it_and_closes_cleanly(tmp_pa
     assert sink.exit_code == 0  # closed, not killed
 
 
-def test_exceptions_come_back_by_type_and_a_dead_child_is_replaced() -> None:
+def test_exceptions_come_back_by_type_and_a_dead_child_is_replaced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     sink = IsolatedSink("refusing", Refusing)
     try:
         assert sink.checkpoint() == 7
@@ -87,12 +94,18 @@ def test_exceptions_come_back_by_type_and_a_dead_child_is_replaced() -> None:
             sink.apply(empty_batch(9))
         first = sink.pid
         assert first is not None
-        os.kill(first, signal.SIGKILL)
-        psutil.Process(first).wait(timeout=10)
-        with pytest.raises(SinkProcessError, match="process ended"):
-            sink.read_checkpoint()
+        threading.Timer(1.0, os.kill, (first, signal.SIGKILL)).start()
+        with pytest.raises(SinkProcessError, match=r"process ended .* during write"):
+            sink.apply(empty_batch(SLOW_LSN))  # the child dies in the middle of it
         assert sink.read_checkpoint() == 7  # a new child
-        assert sink.pid not in (None, first)
+        second = sink.pid
+        assert second not in (None, first)
+
+        os.kill(second, signal.SIGKILL)  # between calls: the next call starts another
+        psutil.Process(second).wait(timeout=10)
+        assert sink.read_checkpoint() == 7
+        assert sink.pid not in (None, first, second)
+        assert "process ended (exit code" in caplog.text
     finally:
         sink.close()
 
