@@ -380,18 +380,30 @@ class StreamReport:
 GC_THRESHOLDS = (10_000, 10, 10)
 
 
+_collecting_less = 0  # how many fewer_collections() are open (two streams in one process: tests)
+_collecting_less_lock = threading.Lock()
+_thresholds_before: tuple[int, int, int] = gc.get_threshold()
+
+
 @contextmanager
 def fewer_collections() -> Iterator[None]:
     """Collect cycles less often, and never walk what was allocated before (imports, caches:
-    gc.freeze); the process's own thresholds come back at the end."""
-    before = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze); the process's own thresholds come back when the last one open ends."""
+    global _collecting_less, _thresholds_before
+    with _collecting_less_lock:
+        if _collecting_less == 0:
+            _thresholds_before = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
+        _collecting_less += 1
     try:
         yield
     finally:
-        gc.set_threshold(*before)
-        gc.unfreeze()
+        with _collecting_less_lock:
+            _collecting_less -= 1
+            if _collecting_less == 0:
+                gc.set_threshold(*_thresholds_before)
+                gc.unfreeze()
 
 
 class Stream:
