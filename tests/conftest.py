@@ -62,7 +62,9 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def services(settings: Settings) -> Iterator[Settings]:
-    """PostgreSQL, Redis and Kafka running on loopback; stopped afterwards if we started them."""
+    """PostgreSQL, Redis and Kafka running on loopback; at the end this session's Kafka topics
+    are deleted, and the services stopped if we started them. Only tests that ask for it start
+    them: a unit-only session never touches the services (another session may be using them)."""
     from engagement_dagster.lib.local_services import ServiceError, local_services
 
     started = []
@@ -74,9 +76,29 @@ def services(settings: Settings) -> Iterator[Settings]:
             for s in reversed(started):
                 s.stop()
             pytest.fail(f"local {service.name} could not start: {exc}", pytrace=False)
-    yield settings
-    for service in reversed(started):
-        service.stop()
+    try:
+        yield settings
+    finally:
+        try:
+            _drop_topics(settings)
+        finally:
+            for service in reversed(started):
+                service.stop()
+
+
+def _drop_topics(settings: Settings) -> None:
+    """Kafka topics under this session's prefix."""
+    from kafka.admin import KafkaAdminClient
+
+    from engagement_dagster.lib.kafka_config import kafka_client_config
+
+    admin = KafkaAdminClient(**kafka_client_config(settings))
+    try:
+        ours = [t for t in admin.list_topics() if t.startswith(settings.kafka_topic_prefix)]
+        if ours:
+            admin.delete_topics(ours)
+    finally:
+        admin.close()
 
 
 @pytest.fixture(scope="session")
@@ -108,20 +130,3 @@ def clean_sinks(source_dsn: str, services: Settings) -> Settings:
     assert path is not None and path.parent == TEST_DIR, f"refusing to remove {path}"
     shutil.rmtree(path, ignore_errors=True)
     return services
-
-
-@pytest.fixture(scope="session", autouse=True)
-def drop_this_sessions_topics(services: Settings) -> Iterator[None]:
-    """Kafka topics under this session's prefix are deleted at the end."""
-    yield
-    from kafka.admin import KafkaAdminClient
-
-    from engagement_dagster.lib.kafka_config import kafka_client_config
-
-    admin = KafkaAdminClient(**kafka_client_config(services))
-    try:
-        ours = [t for t in admin.list_topics() if t.startswith(services.kafka_topic_prefix)]
-        if ours:
-            admin.delete_topics(ours)
-    finally:
-        admin.close()
