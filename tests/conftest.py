@@ -65,6 +65,7 @@ def services(settings: Settings) -> Iterator[Settings]:
     """PostgreSQL, Redis and Kafka running on loopback; at the end this session's Kafka topics
     are deleted, and the services stopped if we started them. Only tests that ask for it start
     them: a unit-only session never touches the services (another session may be using them)."""
+    from engagement_dagster.lib.kafka_config import delete_topics_under
     from engagement_dagster.lib.local_services import ServiceError, local_services
 
     started = []
@@ -80,25 +81,10 @@ def services(settings: Settings) -> Iterator[Settings]:
         yield settings
     finally:
         try:
-            _drop_topics(settings)
+            delete_topics_under(settings, settings.kafka_topic_prefix)
         finally:
             for service in reversed(started):
                 service.stop()
-
-
-def _drop_topics(settings: Settings) -> None:
-    """Kafka topics under this session's prefix."""
-    from kafka.admin import KafkaAdminClient
-
-    from engagement_dagster.lib.kafka_config import kafka_client_config
-
-    admin = KafkaAdminClient(**kafka_client_config(settings))
-    try:
-        ours = [t for t in admin.list_topics() if t.startswith(settings.kafka_topic_prefix)]
-        if ours:
-            admin.delete_topics(ours)
-    finally:
-        admin.close()
 
 
 @pytest.fixture(scope="session")

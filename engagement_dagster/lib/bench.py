@@ -42,7 +42,7 @@ from engagement_dagster.lib.generator import (
     run_traffic,
     seed_content,
 )
-from engagement_dagster.lib.kafka_config import kafka_client_config
+from engagement_dagster.lib.kafka_config import delete_topics_under, kafka_client_config
 from engagement_dagster.lib.pgoutput import parse_lsn
 from engagement_dagster.lib.secure import redis_client
 from engagement_dagster.lib.settings import PROJECT_ROOT, Settings, get_settings
@@ -184,15 +184,7 @@ def release_namespace(settings: Settings, namespace: BenchNamespace, *, keep_dat
     else:
         _drop_database(settings, namespace)
         _remove_scratch(settings, namespace, namespace.directory(settings) / "clickhouse")
-    from kafka.admin import KafkaAdminClient
-
-    admin = KafkaAdminClient(**kafka_client_config(settings))
-    try:
-        ours = [t for t in admin.list_topics() if t.startswith(namespace.topic_prefix)]
-        if ours:
-            admin.delete_topics(ours)
-    finally:
-        admin.close()
+    delete_topics_under(settings, namespace.topic_prefix)
 
 
 def _drop_database(settings: Settings, namespace: BenchNamespace) -> None:

@@ -46,3 +46,16 @@ def librdkafka_config(settings: Settings) -> dict[str, Any]:
     if settings.kafka_ssl_cafile is not None:
         config["ssl.ca.location"] = str(settings.kafka_ssl_cafile)
     return config
+
+
+def delete_topics_under(settings: Settings, prefix: str) -> None:
+    """Delete every topic whose name starts with `prefix` (a bench run's, a test session's)."""
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(**kafka_client_config(settings))
+    try:
+        ours = [t for t in admin.list_topics() if t.startswith(prefix)]
+        if ours:
+            admin.delete_topics(ours)
+    finally:
+        admin.close()
