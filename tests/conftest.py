@@ -62,11 +62,14 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def services(settings: Settings) -> Iterator[Settings]:
-    """PostgreSQL, Redis and Kafka running on loopback; at the end this session's Kafka topics
-    are deleted, and the services stopped if we started them. Only tests that ask for it start
-    them: a unit-only session never touches the services (another session may be using them)."""
+    """PostgreSQL, Redis and Kafka running on loopback, claimed for this session (a second
+    session on the same namespace fails at once: tests.support.ServicesClaim); at the end this
+    session's Kafka topics are deleted, and the services stopped if we started them and no other
+    session uses them. Only tests that ask for it start them: a unit-only session never touches
+    the services."""
     from engagement_dagster.lib.kafka_config import delete_topics_under
     from engagement_dagster.lib.local_services import ServiceError, local_services
+    from tests.support import ServicesClaim
 
     started = []
     for service in local_services(settings):
@@ -77,13 +80,24 @@ def services(settings: Settings) -> Iterator[Settings]:
             for s in reversed(started):
                 s.stop()
             pytest.fail(f"local {service.name} could not start: {exc}", pytrace=False)
+    refusal = ""
+    try:
+        claim = ServicesClaim(settings)
+    except RuntimeError as exc:
+        refusal = str(exc)
+    if refusal:  # the services are the other session's: left as they are
+        pytest.fail(refusal, pytrace=False)
     try:
         yield settings
     finally:
         try:
             delete_topics_under(settings, settings.kafka_topic_prefix)
         finally:
-            for service in reversed(started):
+            alone = claim.sole_user()
+            claim.release()
+            if started and not alone:
+                print("\nleft the local services running: another test session is using them")
+            for service in reversed(started if alone else []):
                 service.stop()
 
 

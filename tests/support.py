@@ -3,10 +3,11 @@ SQL, inserting events, running a stream in a thread, and comparing the sinks wit
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +24,65 @@ SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
  WHERE database = %(db)s AND active_pid IS NOT NULL;
 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %(db)s;
 """
+
+
+# Advisory locks on the shared PostgreSQL server: every test session holds SERVICES shared while
+# it uses the services, and its namespace's key (the test database) exclusively.
+SERVICES_LOCK = (0x656E67, 0)
+NAMESPACE_LOCK = 0x656E68
+HOLDERS = """
+SELECT DISTINCT a.application_name, a.backend_start
+  FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %(class)s::oid
+   AND l.objid = hashtext(%(db)s)::oid AND a.pid <> pg_backend_pid()
+"""
+
+
+class ServicesClaim:
+    """This test session's claim on the shared local services, held on one PostgreSQL connection
+    for the session: two sessions on one namespace would drop each other's database, flush each
+    other's Redis and remove each other's slots mid-test, so the second one fails at once, saying
+    who holds it; and a session leaves running the services it started while another uses them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.dbname = psycopg2.extensions.parse_dsn(settings.pg_dsn)["dbname"]
+        maintenance = psycopg2.extensions.make_dsn(settings.pg_dsn, dbname="postgres")
+        self._stack = ExitStack()
+        self.conn = self._stack.enter_context(
+            connect(maintenance, application_name=f"engagement tests pid {os.getpid()}")
+        )
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock_shared(%s, %s)", SERVICES_LOCK)
+            cur.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (NAMESPACE_LOCK, self.dbname)
+            )
+            row = cur.fetchone()
+            if row and row[0]:
+                return
+            cur.execute(HOLDERS, {"class": NAMESPACE_LOCK, "db": self.dbname})
+            holders = "; ".join(
+                f"{name} (since {start:%H:%M:%S})" for name, start in cur.fetchall()
+            )
+        self.release()
+        raise RuntimeError(
+            f"another test session uses the test database {self.dbname} on these services: "
+            f"{holders or 'it just ended'}. Wait for it to end, or give this session its own "
+            "namespace: ENGAGEMENT_TEST_NAMESPACE=<name> make test"
+        )
+
+    def sole_user(self) -> bool:
+        """True when no other test session (of any namespace) is using the services now, or
+        when this session's claim was cut (the server restarted): nobody can be told apart."""
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s)", SERVICES_LOCK)
+                row = cur.fetchone()
+        except psycopg2.Error:
+            return True
+        return bool(row and row[0])
+
+    def release(self) -> None:
+        self._stack.close()  # closing the connection releases its locks
 
 
 def reset_test_database(settings: Settings, *, recreate: bool = True) -> None:
@@ -163,10 +223,13 @@ SELECT event_id, toString(content_id), toString(user_id), event_type, event_ts, 
  ORDER BY event_id
 """
 
+# The live board holds the events of the whole seconds (now - 600, now], as the sink buckets them.
 EXPECTED_BOARD = f"""
 SELECT e.content_id::text, sum(coalesce(e.duration_ms, 0)) / 1000.0, count(*)
   FROM engagement_events e
- WHERE {VALID_EVENT} AND e.event_ts > now() - interval '600 seconds' AND e.event_ts <= now()
+ WHERE {VALID_EVENT}
+   AND floor(extract(epoch FROM e.event_ts)) > %(now)s - 600
+   AND floor(extract(epoch FROM e.event_ts)) <= %(now)s
  GROUP BY 1
 """
 
@@ -220,9 +283,10 @@ def _id_diff(expected: list[tuple[Any, ...]], actual: list[tuple[Any, ...]]) -> 
     )
 
 
-def postgres_board(dsn: str) -> dict[str, tuple[float, int]]:
+def postgres_board(dsn: str, now_s: int | None = None) -> dict[str, tuple[float, int]]:
+    """The live board as PostgreSQL computes it for the second `now_s` (default: now)."""
     with connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(EXPECTED_BOARD)
+        cur.execute(EXPECTED_BOARD, {"now": int(time.time()) if now_s is None else now_s})
         return {cid: (float(seconds), int(n)) for cid, seconds, n in cur.fetchall()}
 
 
@@ -240,13 +304,28 @@ def redis_board(url: str) -> dict[str, tuple[float, int]]:
     return {cid: (float(seconds.get(cid, 0.0)), int(events[cid])) for cid in events}
 
 
+def live_boards(settings: Settings) -> tuple[dict[str, tuple[float, int]], ...]:
+    """(PostgreSQL's, Redis's) live board for one second: Redis's slid to it as the stream does.
+
+    Both read the same whole-second window, so an event within a second of the window's edge
+    is on both or neither (a second read of the clock for PostgreSQL would cut it apart). Call it
+    with no stream running: a stream would slide the board on to its own clock."""
+    from engagement_dagster.lib.sinks.redis import BOARD_STATE, RedisSink
+
+    now_s = int(time.time())
+    sink = RedisSink(settings.redis_url)
+    try:
+        sink.refresh(now_s=now_s)
+        held = sink.client.hmget(BOARD_STATE, ["low", "high"])
+    finally:
+        sink.close()
+    assert [int(v or 0) for v in held] == [now_s - 600, now_s], f"board slid to {held}, not {now_s}"
+    return postgres_board(settings.pg_dsn, now_s), redis_board(settings.redis_url)
+
+
 def assert_redis_matches_postgres(settings: Settings) -> None:
     """engagement:top:10m (seconds) and :events equal PostgreSQL over the last 10 minutes."""
-    from engagement_dagster.lib.sinks.redis import RedisSink
-
-    RedisSink(settings.redis_url).refresh()  # slide the board to now, as the stream does
-    want = postgres_board(settings.pg_dsn)
-    got = redis_board(settings.redis_url)
+    want, got = live_boards(settings)
     assert set(got) == set(want), f"contents differ: {set(want) ^ set(got)}"
     for cid, (seconds, events) in want.items():
         assert got[cid][1] == events, f"{cid}: {got[cid][1]} events in Redis, {events} in PG"

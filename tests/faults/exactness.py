@@ -31,9 +31,8 @@ from tests.support import (
     clickhouse_rows,
     expected_pct,
     kafka_versions,
-    postgres_board,
+    live_boards,
     postgres_rows,
-    redis_board,
 )
 
 CLICKHOUSE_CHECKPOINT = "SELECT max(lsn) FROM engagement._checkpoints WHERE sink = 'clickhouse'"
@@ -165,9 +164,7 @@ def _clickhouse_diff(settings: Settings, expected: dict[int, tuple[Any, ...]]) -
 
 
 def _redis_diff(settings: Settings) -> SinkDiff:
-    RedisSink(settings.redis_url).refresh()  # slide the board to now, as the stream does
-    want = postgres_board(settings.pg_dsn)
-    got = redis_board(settings.redis_url)
+    want, got = live_boards(settings)
     lost = doubled = 0
     examples = []
     for cid in set(want) | set(got):

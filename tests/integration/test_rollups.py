@@ -147,12 +147,26 @@ def evaluate(sensor: dg.SensorDefinition, context: dg.SensorEvaluationContext) -
     return result
 
 
-def checks_passed(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
-    return {
-        e.check_name: e.passed
+def check_evaluations(result: dg.ExecuteInProcessResult) -> list[dg.AssetCheckEvaluation]:
+    return [
+        e
         for e in (ev.event_specific_data for ev in result.all_events)
         if isinstance(e, dg.AssetCheckEvaluation)
-    }
+    ]
+
+
+def checks_passed(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in check_evaluations(result)}
+
+
+def failed_checks(result: dg.ExecuteInProcessResult) -> str:
+    """Each failed check's description and metadata: what an assertion shows when one fails."""
+    return "\n".join(
+        f"{e.check_name}: {e.description}; "
+        + ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in e.metadata.items())
+        for e in check_evaluations(result)
+        if not e.passed
+    )
 
 
 # --- what PostgreSQL says -------------------------------------------------------------------
@@ -276,7 +290,7 @@ def test_rollups_windows_and_summaries_equal_postgres(
             "rollup_matches_enriched": True,
             "redis_windows_match_rollups": True,
             "window_reconciles_across_sinks": True,
-        }
+        }, failed_checks(result)
     run_summaries(instance)
     assert_everything_equals_postgres(rollup_db)
 

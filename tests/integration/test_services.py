@@ -18,6 +18,7 @@ from engagement_dagster.lib.health import all_health
 from engagement_dagster.lib.kafka_config import kafka_client_config
 from engagement_dagster.lib.local_services import local_services
 from engagement_dagster.lib.settings import Settings
+from tests.support import ServicesClaim
 
 BIN = Path(sys.executable).parent
 
@@ -61,6 +62,21 @@ def test_starting_running_services_is_a_no_op(services: Settings) -> None:
         result = service.start()
         assert result.started is False, f"{service.name} was started twice"
         assert "already listening" in result.detail
+
+
+def test_a_second_session_on_this_namespace_is_refused(services: Settings) -> None:
+    """This session holds its namespace: another on it fails at once, naming this one; one on
+    another namespace may run, and then neither is alone (neither stops the services)."""
+    with pytest.raises(RuntimeError, match=f"engagement tests pid {os.getpid()}.*NAMESPACE"):
+        ServicesClaim(services)
+    other = services.model_copy(
+        update={"pg_dsn": services.pg_dsn.replace("_test", f"_{uuid.uuid4().hex[:6]}_test")}
+    )
+    claim = ServicesClaim(other)
+    try:
+        assert claim.sole_user() is False  # this session still uses the services
+    finally:
+        claim.release()
 
 
 def test_kafka_transactions_are_atomic_for_read_committed_consumers(services: Settings) -> None:
