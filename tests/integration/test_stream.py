@@ -25,7 +25,11 @@ from engagement_dagster.lib.source_db import (
     restart_distance,
     successor_application_name,
 )
-from engagement_dagster.lib.stream import HANDOVER_RESTART_BYTES, StreamOptions
+from engagement_dagster.lib.stream import (
+    FIRST_BATCH_MAX_MS,
+    HANDOVER_RESTART_BYTES,
+    StreamOptions,
+)
 from tests.support import (
     assert_clickhouse_matches_postgres,
     assert_kafka_matches_postgres,
@@ -37,6 +41,7 @@ from tests.support import (
 PODCAST, NO_LENGTH, ZERO_LENGTH = (str(uuid.uuid4()) for _ in range(3))
 UNKNOWN = str(uuid.uuid4())
 USER = str(uuid.uuid4())
+PODCAST_B = str(uuid.uuid4())
 BIG_PAYLOAD = json.dumps({"notes": "ü€😀 " * 20_000, "kind": "big"}, ensure_ascii=False)  # 200 kB
 
 
@@ -320,3 +325,35 @@ def test_a_handover_waits_until_the_slot_restarts_close_to_its_position(
         stream.stop.set()
         runner.join(timeout=30)
     assert distance is not None and distance <= HANDOVER_RESTART_BYTES, distance
+
+
+def test_the_first_batch_after_the_slot_opens_is_cut_short(stream_db: Settings) -> None:
+    """At a handover the sinks have waited since the last run's last batch: the first batch
+    after the slot opens is cut FIRST_BATCH_MAX_MS after its first transaction, the next ones
+    after batch_max_ms. A backlog of 20,000 rows in 1,000 transactions is waiting."""
+    assert FIRST_BATCH_MAX_MS < 100
+    with connect(stream_db.pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO content (id, slug, title, content_type, length_seconds) "
+            "VALUES (%s, %s, 'Backlog', 'video', 60)",
+            (PODCAST_B, f"b-{PODCAST_B}"),
+        )
+        for _ in range(1000):  # autocommit: one transaction each
+            cur.execute(
+                "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, "
+                "duration_ms, device, raw_payload) SELECT %s, %s, 'play', now(), g, 'web', '{}' "
+                "FROM generate_series(1, 20) AS g",
+                (PODCAST_B, USER),
+            )
+    stream = build_stream(stream_db, StreamOptions(batch_max_ms=2000, batch_max_rows=100_000))
+    try:
+        stream._open_cursor()
+        first, second = stream._read_batch(), stream._read_batch()
+    finally:
+        stream.cursor.close()
+        for worker in stream.workers:
+            worker.sink.close()
+    # Reading 20,000 rows takes this stream far longer than 25 ms, and far less than 2 s.
+    assert 0 < len(first) < len(second), (len(first), len(second))
+    assert len(first) + len(second) == 1001  # the content row's and the 1,000 inserts
+    drain(stream_db)
