@@ -237,7 +237,10 @@ class SinkWorker:
             batch = SinkBatch.merge(taken)
             if not self._until_applied(functools.partial(self.sink.apply, batch)):
                 return
-            if self.applied_lsn == self._started_at_lsn:
+            # Once, at the first batch that takes the sink past its checkpoint (a successor's
+            # first batches may all lie below it: re-read, skipped, not "applied").
+            started_at = self._started_at_lsn
+            if self.applied_lsn == started_at and batch.last_lsn > (started_at or 0):
                 log.info(
                     "sink %s: first batch applied %.0f ms after the start",
                     self.sink.name, (time.monotonic() - self._started_at) * 1000,

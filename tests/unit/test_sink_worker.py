@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import UTC, datetime
 
 import polars as pl
+import pytest
 
 from engagement_dagster.lib.enrich import DEAD_LETTERS_SCHEMA, DELTAS_SCHEMA, ENRICHED_ROWS_SCHEMA
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
@@ -59,3 +61,39 @@ def test_new_batches_do_not_cut_the_backoff_short() -> None:
     assert 3 <= len(sink.attempts) <= 8, sink.attempts
     assert all(gap >= 0.19 for gap in gaps), gaps
     assert max(gaps) <= 1.6 + 0.3, gaps  # retry_max_s caps it
+
+
+class RecordingSink(Sink):
+    """A sink that holds its writes in memory, starting from checkpoint 100."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[int] = []
+
+    def read_checkpoint(self) -> int:
+        return 100
+
+    def write(self, batch: SinkBatch, checkpoint: int) -> None:
+        self.written.append(batch.last_lsn)
+
+
+def test_first_batch_is_logged_once_when_it_passes_the_checkpoint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A successor re-reads what a sink already has: those batches are skipped, not "applied"."""
+    sink = RecordingSink()
+    worker = SinkWorker(sink, StreamOptions(), StreamReport())
+    stop = threading.Event()
+    with caplog.at_level(logging.INFO, logger="engagement.stream"):
+        worker.start()
+        for lsn in (50, 80, 150, 200):
+            worker.submit(_batch(lsn), stop=stop)
+            deadline = time.monotonic() + 5
+            while not worker.idle and time.monotonic() < deadline:
+                time.sleep(0.01)
+        worker.close(timeout_s=2)
+    logged = [r.getMessage() for r in caplog.records if "first batch applied" in r.getMessage()]
+    assert sink.written == [150, 200]
+    assert len(logged) == 1 and logged[0].startswith("sink recording: first batch applied")
