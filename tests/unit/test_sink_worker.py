@@ -1,4 +1,5 @@
-"""SinkWorker's retries: exponential backoff with jitter, whatever the batch rate."""
+"""SinkWorker: retries with exponential backoff and jitter, whatever the batch rate; the
+first-batch log line."""
 
 from __future__ import annotations
 
@@ -15,21 +16,26 @@ from engagement_dagster.lib.sinks.base import Sink, SinkBatch
 from engagement_dagster.lib.stream import SinkWorker, StreamOptions, StreamReport
 
 
-class DownSink(Sink):
-    """A sink whose writes fail (a broker that is down): records when each write was tried."""
+class MemorySink(Sink):
+    """A sink in memory from checkpoint `start`: records when each write was tried and the
+    batches it wrote; `down` makes every write fail (a broker that is down)."""
 
-    name = "down"
+    name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, *, start: int = 0, down: bool = False) -> None:
         super().__init__()
+        self.start, self.down = start, down
         self.attempts: list[float] = []
+        self.written: list[int] = []
 
     def read_checkpoint(self) -> int:
-        return 0
+        return self.start
 
     def write(self, batch: SinkBatch, checkpoint: int) -> None:
         self.attempts.append(time.monotonic())
-        raise ConnectionError("broker down")
+        if self.down:
+            raise ConnectionError("broker down")
+        self.written.append(batch.last_lsn)
 
 
 def _batch(lsn: int) -> SinkBatch:
@@ -44,7 +50,7 @@ def _batch(lsn: int) -> SinkBatch:
 
 
 def test_new_batches_do_not_cut_the_backoff_short() -> None:
-    sink = DownSink()
+    sink = MemorySink(down=True)
     options = StreamOptions(retry_base_s=0.4, retry_max_s=1.6)
     worker = SinkWorker(sink, options, StreamReport())
     stop = threading.Event()
@@ -63,27 +69,11 @@ def test_new_batches_do_not_cut_the_backoff_short() -> None:
     assert max(gaps) <= 1.6 + 0.3, gaps  # retry_max_s caps it
 
 
-class RecordingSink(Sink):
-    """A sink that holds its writes in memory, starting from checkpoint 100."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[int] = []
-
-    def read_checkpoint(self) -> int:
-        return 100
-
-    def write(self, batch: SinkBatch, checkpoint: int) -> None:
-        self.written.append(batch.last_lsn)
-
-
 def test_first_batch_is_logged_once_when_it_passes_the_checkpoint(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A successor re-reads what a sink already has: those batches are skipped, not "applied"."""
-    sink = RecordingSink()
+    sink = MemorySink(start=100)
     worker = SinkWorker(sink, StreamOptions(), StreamReport())
     stop = threading.Event()
     with caplog.at_level(logging.INFO, logger="engagement.stream"):
@@ -96,4 +86,4 @@ def test_first_batch_is_logged_once_when_it_passes_the_checkpoint(
         worker.close(timeout_s=2)
     logged = [r.getMessage() for r in caplog.records if "first batch applied" in r.getMessage()]
     assert sink.written == [150, 200]
-    assert len(logged) == 1 and logged[0].startswith("sink recording: first batch applied")
+    assert len(logged) == 1 and logged[0].startswith("sink memory: first batch applied")
