@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -142,13 +143,50 @@ def kill_broker(kafka: LocalKafka) -> None:
     wait_until(lambda: not kafka.is_running(), timeout_s=30, what="the broker gone")
 
 
+def open_transaction(settings: Settings) -> bool:
+    """Messages in the log past the last stable offset: a transaction is open, or its end
+    markers are on their way."""
+    return topic_offsets(settings, committed=False) > topic_offsets(settings, committed=True)
+
+
+@contextmanager
+def frozen_with_a_transaction_open(
+    stream: StreamProcess, settings: Settings, timeout_s: float = 60
+) -> Iterator[None]:
+    """The stream stopped (SIGSTOP) at a moment one of its Kafka transactions is open, and
+    continued (SIGCONT) on leaving. Frozen, it can neither commit nor abort, so the
+    transaction is still open whatever the caller does meanwhile; polling and then acting
+    would race the commit. Still open half a second into the freeze means open, not a
+    commit whose markers were on their way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        os.kill(stream.pid, signal.SIGSTOP)
+        try:
+            is_open = open_transaction(settings)
+            if is_open:
+                time.sleep(0.5)
+                is_open = open_transaction(settings)
+        except BaseException:
+            os.kill(stream.pid, signal.SIGCONT)
+            raise
+        if is_open:
+            break
+        os.kill(stream.pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, f"no Kafka transaction open within {timeout_s} s"
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        os.kill(stream.pid, signal.SIGCONT)
+
+
 def test_broker_killed_mid_transaction(
     world: tuple[Settings, LocalKafka], fault_report: FaultReport
 ) -> None:
     settings, kafka = world
     logs = log_dir(NAME)
     # A backlog makes the stream write large merged transactions (up to 50k rows, about a
-    # second each), so the broker dies with one open.
+    # second each): one is open most of the time.
     run_traffic(settings.pg_dsn, TrafficOptions(rate=20_000, duration_s=4, workers=2, seed=93,
                                                 content_update_ratio=0.0, **MIX))  # fmt: skip
     stream = StreamProcess(settings, logs / "stream-kill.log", "--run-seconds", "600")
@@ -156,12 +194,8 @@ def test_broker_killed_mid_transaction(
         with traffic(settings, rate=500, seed=94):
             wait_until(lambda: kafka_checkpoint(settings) > 0, timeout_s=60,
                        what="the stream's first Kafka transaction")  # fmt: skip
-            wait_until(
-                lambda: topic_offsets(settings, committed=False)
-                > topic_offsets(settings, committed=True),
-                timeout_s=60, poll_s=0.05, what="a transaction of the stream open in Kafka",
-            )  # fmt: skip
-            kill_broker(kafka)
+            with frozen_with_a_transaction_open(stream, settings):
+                kill_broker(kafka)
             before = (redis_checkpoint(settings), clickhouse_checkpoint(settings) or 0)
             time.sleep(5)
             after = (redis_checkpoint(settings), clickhouse_checkpoint(settings) or 0)
