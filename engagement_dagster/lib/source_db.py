@@ -115,6 +115,35 @@ def connect(
         conn.close()
 
 
+class KeptConnection:
+    """One connection for a poll repeated every fraction of a second (a run in its handover
+    grace looks for its successor every 0.1 s): opened at the first use and again after an
+    error, closed by `close`. A connection per poll is a server backend forked each time."""
+
+    def __init__(self, dsn: str, *, application_name: str) -> None:
+        self.dsn = dsn
+        self.application_name = application_name
+        self._conn: psycopg2.extensions.connection | None = None
+
+    @contextmanager
+    def use(self) -> Iterator[psycopg2.extensions.connection]:
+        if self._conn is None or self._conn.closed:
+            self._conn = pg_connect(
+                self.dsn, connect_timeout=5, application_name=self.application_name
+            )
+            self._conn.autocommit = True
+        try:
+            yield self._conn
+        except psycopg2.Error:
+            self.close()  # the next use opens a fresh one
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 def ensure_database(dsn: str) -> bool:
     """Create the DSN's database when the server does not have it yet; True when created."""
     name = database_name(dsn)
@@ -155,6 +184,11 @@ def successor_application_name(slot: str) -> str:
     """The application_name of a successor run's connection while it waits for `slot`: how the
     run holding the slot sees that it may hand over (`successor_waiting`)."""
     return f"engagement-successor:{slot}"[:63]
+
+
+def handover_poll_application_name(slot: str) -> str:
+    """The application_name of the connection a run in its handover grace polls with."""
+    return f"engagement-handover:{slot}"[:63]
 
 
 def successor_waiting(conn: psycopg2.extensions.connection, slot: str) -> bool:

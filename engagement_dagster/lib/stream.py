@@ -43,7 +43,13 @@ from engagement_dagster.lib.enrich import (
 from engagement_dagster.lib.event_schema import EventShape, content_mismatch, event_shape
 from engagement_dagster.lib.pgoutput import UNCHANGED_TOAST, Change, Transaction, format_lsn
 from engagement_dagster.lib.sinks.base import Sink, SinkBatch
-from engagement_dagster.lib.source_db import connect, restart_distance, successor_waiting
+from engagement_dagster.lib.source_db import (
+    KeptConnection,
+    connect,
+    handover_poll_application_name,
+    restart_distance,
+    successor_waiting,
+)
 
 log = logging.getLogger("engagement.stream")
 
@@ -440,6 +446,9 @@ class Stream:
         self.on_report = on_report
         self.stop = threading.Event()
         self._successor_polled_at = 0.0
+        self._successor_polls = KeptConnection(
+            dsn, application_name=handover_poll_application_name(slot)
+        )
         self._successor_ready = False  # set once a successor waits: hand over, slot first
         self._successor_seen_at = 0.0
         self._first_batch_due = True  # the next batch is the first since the slot was opened
@@ -513,6 +522,7 @@ class Stream:
                     self._publish()
                     last_report = time.monotonic()
         finally:
+            self._successor_polls.close()
             if self._successor_ready:
                 metrics.STREAM_HANDOVERS.inc()
                 self._release_slot_early()
@@ -557,7 +567,8 @@ class Stream:
     def _hand_over(self, overtime_s: float) -> bool:
         """Whether a run past its run_seconds ends now: at once without a grace, else when a
         successor waits for the slot (and the slot's restart point is close, see
-        handover_restart_wait_seconds) or the grace is over. Polled at most every 0.1 s."""
+        handover_restart_wait_seconds) or the grace is over. Polled at most every 0.1 s, on one
+        connection."""
         if overtime_s >= self.options.handover_grace_seconds:
             return True
         now = time.monotonic()
@@ -566,7 +577,7 @@ class Stream:
         self._successor_polled_at = now
         distance: int | None = None
         try:
-            with connect(self.dsn) as conn:
+            with self._successor_polls.use() as conn:
                 if not self._successor_ready:
                     self._successor_ready = successor_waiting(conn, self.cursor.slot)
                     self._successor_seen_at = now

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import psycopg2
 import pytest
 
 from engagement_dagster.lib.clickhouse import clickhouse_client
@@ -21,7 +22,9 @@ from engagement_dagster.lib.pipeline import build_stream
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.kafka import DLQ_TOPIC
 from engagement_dagster.lib.source_db import (
+    KeptConnection,
     connect,
+    handover_poll_application_name,
     restart_distance,
     successor_application_name,
 )
@@ -185,6 +188,24 @@ def test_replaying_what_was_applied_changes_nothing(stream_db: Settings) -> None
     assert_redis_matches_postgres(stream_db)
 
 
+def backend_pids(dsn: str, application_name: str) -> list[int]:
+    rows = sql(
+        dsn,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s ORDER BY pid",
+        application_name,
+    )
+    return [pid for (pid,) in rows]
+
+
+def settled_backend_pids(dsn: str, application_name: str, expected: list[int]) -> list[int]:
+    """The backends once they are `expected`, or after 5 s: a closed connection's backend
+    leaves pg_stat_activity a moment after the client has moved on."""
+    deadline = time.monotonic() + 5
+    while (pids := backend_pids(dsn, application_name)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
+
+
 def test_a_run_past_its_time_streams_on_until_a_successor_waits(stream_db: Settings) -> None:
     """With a handover grace, the end of a run waits for its successor, not the other way
     round: a slow run launch costs no gap. Without a successor it ends at the grace's end."""
@@ -193,9 +214,14 @@ def test_a_run_past_its_time_streams_on_until_a_successor_waits(stream_db: Setti
     runner = threading.Thread(target=stream.run)
     started = time.monotonic()
     runner.start()
+    polling_as = handover_poll_application_name(stream_db.slot)
     try:
         time.sleep(3)
         assert runner.is_alive(), "the run ended at run_seconds with no successor waiting"
+        polls = backend_pids(stream_db.pg_dsn, polling_as)
+        time.sleep(1)  # ten polls
+        assert len(polls) == 1, f"the grace polls on one connection, not {polls}"
+        assert backend_pids(stream_db.pg_dsn, polling_as) == polls, "a connection per poll"
         waiting_as = successor_application_name(stream_db.slot)
         with connect(stream_db.pg_dsn, application_name=waiting_as):
             asked = time.monotonic()
@@ -206,11 +232,31 @@ def test_a_run_past_its_time_streams_on_until_a_successor_waits(stream_db: Setti
         stream.stop.set()
         runner.join(timeout=30)
     assert time.monotonic() - started < 15
+    left = settled_backend_pids(stream_db.pg_dsn, polling_as, [])
+    assert left == [], "the poll connection outlived the run"
 
     alone = build_stream(stream_db, StreamOptions(run_seconds=0.2, handover_grace_seconds=1.5))
     began = time.monotonic()
     alone.run()
     assert 1.5 <= time.monotonic() - began < 10, "the grace is a bound, not a wait forever"
+
+
+def test_a_kept_connection_is_opened_again_after_an_error(stream_db: Settings) -> None:
+    dsn, name = stream_db.pg_dsn, "engagement-test-kept"
+    kept = KeptConnection(dsn, application_name=name)
+    with kept.use() as conn:
+        first = conn.get_backend_pid()
+    with kept.use() as conn:
+        assert conn.get_backend_pid() == first
+    sql(dsn, "SELECT pg_terminate_backend(%s)", first)
+    with pytest.raises(psycopg2.OperationalError), kept.use() as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    with kept.use() as conn:
+        again = conn.get_backend_pid()
+    assert again != first
+    assert settled_backend_pids(dsn, name, [again]) == [again]
+    kept.close()
+    assert settled_backend_pids(dsn, name, []) == []
 
 
 def test_content_changes_reach_later_events_only(stream_db: Settings) -> None:
