@@ -45,6 +45,9 @@ LIVE_BOARD_TTL_S = WINDOW_S + 60
 CONTENT_BY_ID = "SELECT id::text, title, content_type FROM content WHERE id = ANY(%s::uuid[])"
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
+# The name `engagement top` gives its Redis connection (CLIENT LIST shows who reads the board).
+TOP_CLIENT_NAME = "engagement-top"
+
 BAR_WIDTH = 12
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -404,7 +407,9 @@ def show_top(
 
     Returns the exit code: 0, or 1 when Redis cannot be read (with the fix in the message).
     """
-    client = redis_client(redis_url, socket_timeout=5, socket_connect_timeout=3)
+    client = redis_client(
+        redis_url, socket_timeout=5, socket_connect_timeout=3, client_name=TOP_CLIENT_NAME
+    )
     titles = ContentTitles(pg_dsn)
     failed = False
 

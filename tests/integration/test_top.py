@@ -20,6 +20,7 @@ import polars as pl
 import pytest
 import redis
 
+from engagement_dagster.lib.board import TOP_CLIENT_NAME
 from engagement_dagster.lib.enrich import DEAD_LETTERS_SCHEMA, DELTAS_SCHEMA, ENRICHED_ROWS_SCHEMA
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.sinks.base import SinkBatch
@@ -223,10 +224,22 @@ def test_watch_refreshes_until_ctrl_c_and_exits_0(
         text=True,
         env={**os.environ, "COLUMNS": "200"},
     )
-    time.sleep(3)
-    assert process.poll() is None, "top --watch exited on its own"
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=20)
+    # Ctrl-C once it follows the board, not while it starts: its start-up takes seconds on a
+    # busy machine, and a library's import may swallow a KeyboardInterrupt (one CI run's top
+    # then watched on). It names its Redis connection; a second later it has refreshed.
+    try:
+        deadline = time.monotonic() + 60
+        while not any(c.get("name") == TOP_CLIENT_NAME for c in board_redis.client_list()):
+            assert process.poll() is None, "top --watch exited on its own"
+            assert time.monotonic() < deadline, "top --watch did not read the board within 60 s"
+            time.sleep(0.1)
+        time.sleep(1.5)
+        assert process.poll() is None, "top --watch exited on its own"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()  # a no-op once it has exited
+        process.communicate()
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "The long interview" in stdout and "42s" in stdout
