@@ -211,6 +211,14 @@ def test_window_boards_before_and_after_the_rollups_write_them(
     assert "71.4%" in done.stdout and "2h 00m" in done.stdout
 
 
+def deliverable_sigint() -> None:
+    """In the child before exec: SIGINT as in a terminal. A session started in the background
+    (`cmd &` in a script) has it ignored, and a thread's blocked signals are inherited too;
+    either way the child's Ctrl-C would never arrive (two fresh-clone runs: top watched on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_watch_refreshes_until_ctrl_c_and_exits_0(
     board_redis: redis.Redis, catalogue: list[str]
 ) -> None:
@@ -223,6 +231,7 @@ def test_watch_refreshes_until_ctrl_c_and_exits_0(
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=deliverable_sigint,
     )
     # Ctrl-C once it follows the board, not while it starts: its start-up takes seconds on a
     # busy machine, and psycopg2's C module initialisation swallows a KeyboardInterrupt raised
