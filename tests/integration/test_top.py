@@ -235,9 +235,8 @@ def test_watch_refreshes_until_ctrl_c_and_exits_0(
     )
     # Ctrl-C once it follows the board, not while it starts: its start-up takes seconds on a
     # busy machine, and psycopg2's C module initialisation swallows a KeyboardInterrupt raised
-    # in an import it makes (a fresh-clone run's top then watched on; reproduced by sending
-    # SIGINT 0.47 s into the start). It names its Redis connection; a second later it has
-    # refreshed.
+    # in an import it makes (reproduced: SIGINT 0.47 s into the start). It names its Redis
+    # connection; a second later it has refreshed.
     try:
         deadline = time.monotonic() + 60
         while not any(c.get("name") == TOP_CLIENT_NAME for c in board_redis.client_list()):
