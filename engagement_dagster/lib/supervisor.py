@@ -90,7 +90,7 @@ class Platform:
         )
         added = seed_content(self.settings.pg_dsn, self.options.content)
         self.say(f"  {'content':<10} {added} demo items added ({self.options.content} wanted)")
-        self._prepare_dagster_home()
+        self.prepare_dagster_home()
         self.logs.mkdir(parents=True, exist_ok=True)
         if port_open(self.options.ui_host, self.options.ui_port):
             raise ServiceError(
@@ -124,9 +124,16 @@ class Platform:
         )
         self._wait_for_ui()
 
-    def _prepare_dagster_home(self) -> None:
+    def prepare_dagster_home(self) -> None:
+        """dagster.yaml in DAGSTER_HOME, and its storage created here, once: the daemon and the
+        webserver starting side by side on a new home both create its SQLite tables, and one
+        failed with "table alembic_version already exists" (seen in `make bench`)."""
+        import dagster as dg
+
         self.dagster_home.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PROJECT_ROOT / "dagster.yaml", self.dagster_home / "dagster.yaml")
+        with dg.DagsterInstance.from_config(str(self.dagster_home)):
+            pass  # opening it creates the run, event log and schedule databases
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = self.logs / f"{name}.log"

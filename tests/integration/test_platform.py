@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from engagement_dagster.lib.local_services import local_services, port_open
 from engagement_dagster.lib.settings import Settings
 from engagement_dagster.lib.source_db import connect, slot_info
@@ -131,3 +133,17 @@ def test_run_brings_up_the_ui_with_traffic_and_stops_cleanly(
     assert slot is not None and not slot.active, f"a stream run outlived Ctrl-C: {slot}"
     # It did not start the services (the fixtures did), so it must leave them running.
     assert all(service.is_running() for service in local_services(settings))
+
+
+def test_a_new_dagster_home_has_its_storage_before_the_daemon_and_webserver_start(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon and the webserver, started side by side on a new home, both created its SQLite
+    tables, and the webserver lost that race once ("table alembic_version already exists"), so
+    `make bench`'s platform did not start. The home's storage is now made before either."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    Platform(settings, PlatformOptions()).prepare_dagster_home()
+    assert (home / "dagster.yaml").is_file()
+    for database in ("history/runs.db", "history/runs/index.db", "schedules/schedules.db"):
+        assert (home / database).stat().st_size > 0, database
