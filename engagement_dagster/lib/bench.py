@@ -8,6 +8,7 @@ figure here passes or fails anything. Dagster is imported only by the Dagster-pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -683,6 +684,80 @@ def raw_decode(settings: Settings, target_lsn: int, timeout_s: float = 1800) -> 
 class CatchUp:
     usage: ChildUsage
     first_batch_s: float | None  # start-up: spawn -> the first batch applied in Redis
+    cpu_s: dict[str, float | None]  # where the machine's CPU went (CpuLedger)
+
+
+class CpuLedger:
+    """CPU seconds each process of a catch-up spent: the stream, its ClickHouse process, and the
+    local services that work for it (its PostgreSQL walsender, Redis, the Kafka broker). Where
+    the time goes on a machine the pipeline shares with its services, and so what bounds it.
+
+    Sampled every 0.25 s from /proc; a process's last sample counts, so one that ends (the
+    walsender, with the stream) is short by at most that. A service that is not a process on
+    this machine (or not ours to read) is None.
+    """
+
+    EVERY_S = 0.25
+
+    def __init__(self, settings: Settings, child: StreamChild) -> None:
+        self.settings, self.child = settings, child
+        self._services = {
+            "redis": _listener_pid(urlparse(settings.redis_url).port or 6379),
+            "kafka_broker": _listener_pid(int(settings.kafka_bootstrap.rsplit(":", 1)[1])),
+        }
+        self._start = {name: _cpu_s(pid) for name, pid in self._services.items()}
+        self._last: dict[str, float | None] = dict(self._start)
+        self._walsender: int | None = None
+        self._children: dict[int, float] = {}  # the stream's child processes: pid -> CPU s
+
+    def sample(self, conn: psycopg2.extensions.connection) -> None:
+        for name, pid in self._services.items():
+            self._last[name] = _cpu_s(pid)
+        if self._walsender is None:
+            info = slot_info(conn, self.settings.slot)
+            self._walsender = info.active_pid if info is not None else None
+        if self._walsender is not None:
+            self._last["postgres_walsender"] = _cpu_s(self._walsender) or self._last.get(
+                "postgres_walsender"
+            )
+        with contextlib.suppress(psutil.Error):
+            for process in psutil.Process(self.child.pid).children(recursive=True):
+                self._children[process.pid] = _cpu_s(process.pid) or self._children.get(
+                    process.pid, 0.0
+                )
+
+    def seconds(self, usage: ChildUsage) -> dict[str, float | None]:
+        children = sum(self._children.values())
+        spent: dict[str, float | None] = {
+            "stream": round(usage.cpu_s - children, 2),
+            "clickhouse_process": round(children, 2),
+            "postgres_walsender": self._last.get("postgres_walsender"),
+        }
+        for name, before in self._start.items():
+            after = self._last[name]
+            spent[name] = None if before is None or after is None else round(after - before, 2)
+        known = [v for v in spent.values() if v is not None]
+        spent["total"] = round(sum(known), 2)
+        return spent
+
+
+def _listener_pid(port: int) -> int | None:
+    """The process listening on this machine's TCP `port`, if it is one we may read."""
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return conn.pid
+    return None
+
+
+def _cpu_s(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return round(times.user + times.system, 2)
 
 
 def catch_up(settings: Settings, log: Path, timeout_s: float = 3600) -> CatchUp:
@@ -690,20 +765,26 @@ def catch_up(settings: Settings, log: Path, timeout_s: float = 3600) -> CatchUp:
     client = redis_client(settings.redis_url, settings=settings)
     before = int(client.get(CHECKPOINT_KEY) or 0)
     child = StreamChild(log, until_caught_up=True)
+    ledger = CpuLedger(settings, child)
     first_batch_s = None
     deadline = time.monotonic() + timeout_s
     try:
-        while child.poll() is None and time.monotonic() < deadline:
-            if first_batch_s is None and int(client.get(CHECKPOINT_KEY) or 0) != before:
-                first_batch_s = round(time.monotonic() - child.started, 3)
-            time.sleep(0.05)
+        with connect(settings.pg_dsn, application_name="engagement-bench") as conn:
+            sampled = 0.0
+            while child.poll() is None and time.monotonic() < deadline:
+                if first_batch_s is None and int(client.get(CHECKPOINT_KEY) or 0) != before:
+                    first_batch_s = round(time.monotonic() - child.started, 3)
+                if time.monotonic() - sampled >= CpuLedger.EVERY_S:
+                    ledger.sample(conn)
+                    sampled = time.monotonic()
+                time.sleep(0.05)
         usage = child.wait(timeout_s=5)
     finally:
         child.kill()
         client.close()
     if usage.exit_code != 0 or not usage.caught_up:
         raise RuntimeError(f"the catch-up stream ended with {usage}; see {log}")
-    return CatchUp(usage, first_batch_s)
+    return CatchUp(usage, first_batch_s, ledger.seconds(usage))
 
 
 def watched_sinks(settings: Settings) -> tuple[str, ...]:
@@ -906,9 +987,9 @@ def dagster_path(
     holders, stop = SlotHolders(), threading.Event()
     watchers = Watchers(settings, [], threading.Lock())
     sampler = threading.Thread(target=_sample_slot, args=(settings, holders, stop), daemon=True)
+    sampler.start()  # before the platform: a start that fails must reach the `finally` as is
     try:
         bench_platform.start()
-        sampler.start()
         with watchers.running(("redis",)):
             _wait_for_handovers(holders, handovers, timeout_s, bench_platform.check_children)
     finally:
@@ -1004,6 +1085,12 @@ def _rate(count: int, seconds: float) -> int | None:
     return round(count / seconds) if seconds > 0 else None
 
 
+def _busy_pct(cpu_s: dict[str, float | None], wall_s: float) -> float | None:
+    """The share of the machine's cores the catch-up's processes kept busy."""
+    cores = os.cpu_count() or 1
+    return round(100 * (cpu_s["total"] or 0.0) / (wall_s * cores), 1) if wall_s > 0 else None
+
+
 def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
@@ -1069,6 +1156,8 @@ def run_bench(namespace: BenchNamespace, options: BenchOptions, say: Say) -> dic
             "rss_mb": caught.usage.rss_mb,
             "rss_mb_largest_process": caught.usage.largest_rss_mb,
             "cpu_pct": caught.usage.cpu_pct,
+            "catchup_cpu_s": caught.cpu_s,
+            "catchup_machine_busy_pct": _busy_pct(caught.cpu_s, caught.usage.wall_s),
             "steady_eps": round(held.steady_eps),
             "offered_eps": round(held.run.traffic.events_per_s),
             "latency_ms": {**held.run.latency_ms, "clickhouse_applied": held.clickhouse_applied},
@@ -1233,6 +1322,8 @@ def bench_table(result: dict[str, Any]) -> Table:
         ("efficiency", result["efficiency"], ">= 0.3"),
         ("rss_mb (catch-up peak)", result["rss_mb"], "< 600"),
         ("cpu_pct (catch-up)", result["cpu_pct"], ""),
+        ("machine busy % (catch-up, all processes)", result["catchup_machine_busy_pct"], ""),
+        *((f"  CPU s: {name}", value, "") for name, value in result["catchup_cpu_s"].items()),
         ("steady_eps", result["steady_eps"], f"offered {result['settings']['rate']:,.0f}"),
     ]
     for sink, target in (("redis", "< 1,000"), ("kafka", ""), ("clickhouse", "< 2,000"),

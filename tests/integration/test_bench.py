@@ -77,6 +77,14 @@ def test_bench_reports_every_figure_and_cleans_up(
     assert result["backlog_changes"] >= 3000
     assert result["catchup_changes"] == result["backlog_changes"]  # the same backlog, read twice
     assert result["rss_mb"] > 50  # a real process's peak, from the kernel
+    # Where the catch-up's CPU went: every process is local here, so each has its figure.
+    cpu = result["catchup_cpu_s"]
+    assert set(cpu) == {"stream", "clickhouse_process", "postgres_walsender", "redis",
+                        "kafka_broker", "total"}, cpu  # fmt: skip
+    assert all(_number(v) for v in cpu.values()), cpu
+    assert cpu["stream"] > 0.3 and cpu["clickhouse_process"] > 0.3, cpu  # imports alone
+    assert cpu["total"] == round(sum(v for k, v in cpu.items() if k != "total"), 2), cpu
+    assert 0 < result["catchup_machine_busy_pct"] <= 100
     for sink in SINKS:
         figures = result["latency_ms"][sink]
         assert figures["missing"] == 0, (sink, figures)
