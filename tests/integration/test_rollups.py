@@ -89,10 +89,18 @@ def instance() -> Iterator[dg.DagsterInstance]:
 
 @pytest.fixture(scope="module")
 def rollup_db(source_dsn: str, clean_sinks: Settings) -> Iterator[Settings]:
-    """Known events in closed windows, streamed into ClickHouse; a short 10m TTL from env."""
+    """Known events in closed windows, streamed into ClickHouse; a short 10m TTL from env.
+
+    Kafka topics of the module's own: the session's keep what earlier modules wrote, and
+    `window_reconciles_across_sinks` counts every message of a window in the topic. Events an
+    earlier module wrote into these windows (test_backfill moves events a day back, into last
+    Sunday on a Wednesday) were counted, and the check failed ("kafka differs: 1 event more")."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ENGAGEMENT_WINDOW_TTL_10M_SECONDS", str(TTL_10M))
-        dsn = clean_sinks.pg_dsn
+        prefix = f"{clean_sinks.kafka_topic_prefix}rollups."  # deleted with the session's
+        env.setenv("ENGAGEMENT_KAFKA_TOPIC_PREFIX", prefix)  # the Dagster jobs' resources
+        settings = clean_sinks.model_copy(update={"kafka_topic_prefix": prefix})
+        dsn = settings.pg_dsn
         sql(dsn, "ALTER TABLE engagement_events DROP CONSTRAINT IF EXISTS " + FK)
         sql(
             dsn,
@@ -119,8 +127,8 @@ def rollup_db(source_dsn: str, clean_sinks: Settings) -> Iterator[Settings]:
             (MIDWEEK + timedelta(seconds=4), C, U3, 42_000),
         ]:
             insert_event(dsn, content, user, at, ms)
-        drain(clean_sinks)
-        yield clean_sinks
+        drain(settings)
+        yield settings
 
 
 def run_window(instance: dg.DagsterInstance, start: datetime) -> dg.ExecuteInProcessResult:
