@@ -1,6 +1,8 @@
 # Two commands from a fresh Debian machine: `make run` (the platform) and `make test`.
 VENV := .venv
 BIN := $(VENV)/bin
+# rustup's cargo, also where a non-login shell's PATH lacks ~/.cargo/bin (scripts/bootstrap.sh).
+CARGO := $(or $(shell command -v cargo),$(HOME)/.cargo/bin/cargo)
 
 .PHONY: install run test test-unit test-faults lint format services services-down status bench load
 
@@ -23,10 +25,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy engagement_dagster
+	$(CARGO) fmt --manifest-path native/Cargo.toml --check
+	PYO3_PYTHON=$(CURDIR)/$(BIN)/python $(CARGO) clippy --manifest-path native/Cargo.toml --release -q -- -D warnings
 
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+	$(CARGO) fmt --manifest-path native/Cargo.toml
 
 services: install  ## local PostgreSQL, Redis and Kafka only
 	@$(BIN)/engagement services up

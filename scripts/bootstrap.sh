@@ -46,6 +46,15 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
   echo "bootstrap: Python >= 3.11 needed, found $(python3 --version). Fix: apt-get install -y python3.11" >&2
   exit 1
 }
+# The stream's native pgoutput decoder (native/, Rust) is built by uv sync, with cargo: rustup
+# puts it in ~/.cargo/bin, which a non-login shell may not have on its PATH.
+command -v cargo >/dev/null || [ ! -x "$HOME/.cargo/bin/cargo" ] || export PATH="$HOME/.cargo/bin:$PATH"
+rust_version=$(rustc --version 2>/dev/null | sed -n 's/^rustc \([0-9]*\.[0-9]*\).*/\1/p' || true)
+if ! command -v cargo >/dev/null || [ "$(printf '%s\n' 1.85 "${rust_version:-0}" | sort -V | head -n1)" != 1.85 ]; then
+  echo "bootstrap: Rust >= 1.85 with cargo is needed to build native/ (found: ${rust_version:-none})." \
+    "Fix: install it with rustup (https://rustup.rs), or 'rustup update', then re-run" >&2
+  exit 1
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 [ -x .venv/bin/uv ] || .venv/bin/python -m pip install -q --disable-pip-version-check 'uv>=0.5'
 # --inexact keeps uv itself (and pip) in the venv; --frozen installs exactly uv.lock.

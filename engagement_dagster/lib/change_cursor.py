@@ -15,7 +15,7 @@ import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 
-from engagement_dagster.lib.pgoutput import Transaction, TransactionAssembler, format_lsn
+from engagement_dagster.lib.pgoutput import Transaction, format_lsn, new_assembler
 from engagement_dagster.lib.secure import pg_connect
 
 
@@ -52,7 +52,7 @@ class ChangeCursor:
         self.status_interval_s = status_interval_s
         self._conn: psycopg2.extras.LogicalReplicationConnection | None = None
         self._cursor: psycopg2.extras.ReplicationCursor | None = None
-        self._assembler = TransactionAssembler()
+        self._assembler = new_assembler()
         self._acknowledged = 0
         self._last_commit_lsn = 0  # of the last whole transaction read
 
@@ -91,7 +91,7 @@ class ChangeCursor:
                 f"{RESTART_RUNBOOK}"
             ) from exc
         self._conn, self._cursor = conn, cursor
-        self._assembler = TransactionAssembler()
+        self._assembler = new_assembler()
         self._acknowledged = max(self._acknowledged, start_lsn)
 
     @property

@@ -10,10 +10,11 @@ import enum
 import functools
 import re
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final, Literal, TypeAlias, cast
+from typing import Final, Literal, Protocol, TypeAlias, cast
 
 __all__ = [
     "UNCHANGED_TOAST",
@@ -34,6 +35,7 @@ __all__ = [
     "TextValue",
     "Transaction",
     "TransactionAssembler",
+    "TransactionSource",
     "Truncate",
     "TupleData",
     "Type",
@@ -43,6 +45,7 @@ __all__ = [
     "Value",
     "decode_message",
     "format_lsn",
+    "new_assembler",
     "parse_lsn",
 ]
 
@@ -805,4 +808,55 @@ def _outside(message: Message, wal_lsn: int | None) -> OutOfOrderMessage:
     return OutOfOrderMessage(
         f"{type(message).__name__} {_where(wal_lsn)} outside a transaction (no Begin before "
         "it): the stream must be read from a transaction boundary"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The native assembler (native/, Rust): the stream's decoder. This module stays the reference.
+# ---------------------------------------------------------------------------------------------
+
+
+class TransactionSource(Protocol):
+    """What the change cursor needs of an assembler: TransactionAssembler, or the native one."""
+
+    def feed(
+        self, payload: bytes | bytearray | memoryview, *, wal_lsn: int | None = None
+    ) -> Transaction | None: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def discard_open_transaction(self) -> None: ...
+
+
+def new_assembler() -> TransactionSource:
+    """The native assembler (package engagement-pgoutput, built by `make install`): the same
+    Change and Transaction objects and the same errors as TransactionAssembler, which it asks
+    to name any message it refuses; ~N times faster on the stream's messages."""
+    import engagement_pgoutput
+
+    return engagement_pgoutput.Assembler(sys.modules[__name__])
+
+
+def _refusal(
+    relations: Mapping[int, Relation],
+    begin: tuple[int, datetime, int] | None,
+    payload: bytes,
+    wal_lsn: int | None,
+) -> PgOutputError:
+    """The error for a message the native assembler refused: this module's assembler, given
+    the native one's relations and open transaction, is fed the message and names the fault."""
+    reference = TransactionAssembler()
+    for relation in relations.values():
+        reference.feed_message(relation)
+    if begin is not None:
+        reference.feed_message(Begin(*begin))
+    try:
+        reference.feed(payload, wal_lsn=wal_lsn)
+    except PgOutputError as exc:
+        return exc
+    return PgOutputError(
+        f"the native pgoutput assembler refused a {len(payload)}-byte message {_where(wal_lsn)} "
+        f"that the reference assembler accepts ({payload[:48].hex()}...): a bug in "
+        "engagement_pgoutput (native/src/lib.rs)"
     )

@@ -43,6 +43,7 @@ from engagement_dagster.lib.pgoutput import (
     Type,
     Update,
     decode_message,
+    new_assembler,
 )
 
 UTC_SESSION = "-c TimeZone=UTC"
@@ -352,9 +353,11 @@ def test_the_wire_and_the_slot_functions_carry_the_same_bytes(captured: Captured
     assert set(unstamped) == {"R", "Y", "B"} and unstamped.count("B") == 1
     assert all(w == s for (w, _), (s, _) in zip(captured.wire, captured.sql, strict=True) if w)
     assert len(captured.transactions) == captured.written.transactions
-    wire_assembler = TransactionAssembler()
-    from_wire = [t for lsn, data in captured.wire if (t := wire_assembler.feed(data, wal_lsn=lsn))]
-    assert from_wire == captured.transactions
+    for wire_assembler in (TransactionAssembler(), new_assembler()):  # the stream's: native
+        from_wire = [
+            t for lsn, data in captured.wire if (t := wire_assembler.feed(data, wal_lsn=lsn))
+        ]
+        assert from_wire == captured.transactions
 
 
 def test_every_protocol_message_type_is_decoded(captured: Captured) -> None:

@@ -6,12 +6,14 @@ import dataclasses
 import pickle
 import struct
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from engagement_dagster.lib import pgoutput
 from engagement_dagster.lib.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
@@ -28,6 +30,7 @@ from engagement_dagster.lib.pgoutput import (
     RelationColumn,
     Transaction,
     TransactionAssembler,
+    TransactionSource,
     Truncate,
     Type,
     UnknownRelation,
@@ -35,6 +38,7 @@ from engagement_dagster.lib.pgoutput import (
     Value,
     decode_message,
     format_lsn,
+    new_assembler,
     parse_lsn,
 )
 
@@ -344,13 +348,22 @@ def test_invalid_utf8_is_rejected_not_replaced() -> None:
 
 # --- the transaction assembler ----------------------------------------------------------------
 
+Make = Callable[[], TransactionSource]
 
-def feed_all(assembler: TransactionAssembler, *payloads: bytes) -> list[Transaction]:
+
+@pytest.fixture(params=["reference", "native"])
+def make(request: pytest.FixtureRequest) -> Make:
+    """Every assembler test runs on the reference (this module's Python) and on the native
+    assembler the stream uses (native/, Rust): the same vectors, the same results and errors."""
+    return TransactionAssembler if request.param == "reference" else new_assembler
+
+
+def feed_all(assembler: TransactionSource, *payloads: bytes) -> list[Transaction]:
     return [t for p in payloads if (t := assembler.feed(p)) is not None]
 
 
-def test_a_transaction_is_returned_at_its_commit() -> None:
-    assembler = TransactionAssembler()
+def test_a_transaction_is_returned_at_its_commit(make: Make) -> None:
+    assembler = make()
     old = EVENT_ROW
     moved = ("17", "0b8e4f3a-7c21-4d9f-b6a5-12e3c4d5f607", *old[2:6], "web", UNCHANGED_TOAST)
     stream = [
@@ -399,9 +412,9 @@ def test_a_transaction_is_returned_at_its_commit() -> None:
     assert {(c.commit_lsn, c.commit_ts) for c in txn.changes} == {(FINAL_LSN, TS)}
 
 
-def test_assembled_changes_are_ordinary_frozen_changes() -> None:
+def test_assembled_changes_are_ordinary_frozen_changes(make: Make) -> None:
     """The assembler builds Change objects without Change.__init__ (speed); same objects."""
-    assembler = TransactionAssembler()
+    assembler = make()
     (txn,) = feed_all(
         assembler,
         begin(),
@@ -430,8 +443,57 @@ def test_assembled_changes_are_ordinary_frozen_changes() -> None:
         change.op = "delete"  # type: ignore[misc]
 
 
-def test_unchanged_toast_without_old_row_is_left_for_the_caller() -> None:
-    assembler = TransactionAssembler()
+def test_every_change_of_a_relation_shares_its_column_tuples(make: Make) -> None:
+    """The stream tells a new relation shape from the one it reads by identity (`is`)."""
+    (txn,) = feed_all(
+        make(),
+        begin(),
+        relation(EVENTS_OID, "engagement_events", EVENT_COLUMNS),
+        insert(EVENTS_OID, *EVENT_ROW),
+        insert(EVENTS_OID, *EVENT_ROW),
+        commit(),
+    )
+    first, second = txn.changes
+    assert first.columns is second.columns and first.column_types is second.column_types
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_the_native_assembler_refuses_malformed_messages_as_the_reference_does(name: str) -> None:
+    """Every cut of every message, and trailing bytes: the same error class and text."""
+    payload = SAMPLES[name]
+    for bad in [payload[:cut] for cut in range(1, len(payload))] + [payload + b"\0"]:
+        errors = []
+        for assembler in (TransactionAssembler(), new_assembler()):
+            with pytest.raises(PgOutputError) as caught:
+                feed_all(assembler, begin(), bad)
+            errors.append((type(caught.value), str(caught.value)))
+        assert errors[0] == errors[1], bad
+
+
+def test_the_native_assembler_takes_any_bytes_like_payload() -> None:
+    frames = [begin(), relation(EVENTS_OID, "engagement_events", EVENT_COLUMNS)]
+    frames += [insert(EVENTS_OID, *EVENT_ROW), commit()]
+    for kind in (bytes, bytearray, memoryview):
+        (txn,) = feed_all(new_assembler(), *map(kind, frames))  # type: ignore[arg-type]
+        assert txn.changes[0].new == EVENT_ROW
+
+
+def test_the_native_assembler_refuses_a_change_class_it_does_not_know() -> None:
+    """A field added to Change without rebuilding native/ fails at once, saying so."""
+    import engagement_pgoutput
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Other:
+        table: str
+
+    reference = types.ModuleType("reference")
+    vars(reference).update(vars(pgoutput), Change=Other)
+    with pytest.raises(TypeError, match=r"Other.__slots__ is .* rebuild it \(make install\)"):
+        engagement_pgoutput.Assembler(reference)
+
+
+def test_unchanged_toast_without_old_row_is_left_for_the_caller(make: Make) -> None:
+    assembler = make()
     (txn,) = feed_all(
         assembler,
         begin(),
@@ -443,8 +505,8 @@ def test_unchanged_toast_without_old_row_is_left_for_the_caller() -> None:
     assert change.old is None and change.new == ("c1", "s", UNCHANGED_TOAST)
 
 
-def test_a_new_relation_message_replaces_the_cached_one() -> None:
-    assembler = TransactionAssembler()
+def test_a_new_relation_message_replaces_the_cached_one(make: Make) -> None:
+    assembler = make()
     first, second = feed_all(
         assembler,
         begin(),
@@ -462,12 +524,14 @@ def test_a_new_relation_message_replaces_the_cached_one() -> None:
     assert assembler.relations[CONTENT_OID].column_names == ("id", "slug", "title", "extra")
 
 
-def test_a_relation_message_inside_a_transaction_applies_to_the_changes_after_it() -> None:
+def test_a_relation_message_inside_a_transaction_applies_to_the_changes_after_it(
+    make: Make,
+) -> None:
     """ALTER TABLE inside a transaction: the server sends the new Relation between two changes
     of one transaction; each change keeps the columns and types it was written with."""
     retyped = [(f, n, 20 if n == "duration_ms" else t) for f, n, t in EVENT_COLUMNS]
     (txn,) = feed_all(
-        TransactionAssembler(),
+        make(),
         begin(),
         relation(EVENTS_OID, "engagement_events", EVENT_COLUMNS),
         insert(EVENTS_OID, *EVENT_ROW),
@@ -483,8 +547,8 @@ def test_a_relation_message_inside_a_transaction_applies_to_the_changes_after_it
     assert after.old == (*EVENT_ROW, None) and after.new == (*EVENT_ROW, "FR")
 
 
-def test_origin_type_and_messages_are_kept() -> None:
-    assembler = TransactionAssembler()
+def test_origin_type_and_messages_are_kept(make: Make) -> None:
+    assembler = make()
     (txn,) = feed_all(
         assembler,
         b"Y" + struct.pack("!I", 99) + cstr("public") + cstr("mood"),
@@ -500,8 +564,8 @@ def test_origin_type_and_messages_are_kept() -> None:
         assembler.feed(b"M" + struct.pack("!BQ", 0, 1) + cstr("app") + struct.pack("!I", 0))
 
 
-def test_changes_outside_a_transaction_are_refused() -> None:
-    assembler = TransactionAssembler()
+def test_changes_outside_a_transaction_are_refused(make: Make) -> None:
+    assembler = make()
     assembler.feed(relation(CONTENT_OID, "content", CONTENT_COLUMNS, b"d"))
     with pytest.raises(OutOfOrderMessage, match=r"Insert at WAL 16/B374D848 outside a transaction"):
         assembler.feed(insert(CONTENT_OID, "c", "s", "t"), wal_lsn=FINAL_LSN)
@@ -509,20 +573,20 @@ def test_changes_outside_a_transaction_are_refused() -> None:
         assembler.feed(truncate((CONTENT_OID,)))
 
 
-def test_commit_without_begin_names_its_lsn() -> None:
+def test_commit_without_begin_names_its_lsn(make: Make) -> None:
     with pytest.raises(OutOfOrderMessage, match=r"Commit at 16/B374D848 .* without a Begin"):
-        TransactionAssembler().feed(commit())
+        make().feed(commit())
 
 
-def test_commit_of_another_transaction_names_both_lsns() -> None:
-    assembler = TransactionAssembler()
+def test_commit_of_another_transaction_names_both_lsns(make: Make) -> None:
+    assembler = make()
     assembler.feed(begin())
     with pytest.raises(OutOfOrderMessage, match=r"Commit at 16/B374D849 .* final LSN 16/B374D848"):
         assembler.feed(commit(FINAL_LSN + 1))
 
 
-def test_a_begin_inside_an_open_transaction_is_refused_until_discarded() -> None:
-    assembler = TransactionAssembler()
+def test_a_begin_inside_an_open_transaction_is_refused_until_discarded(make: Make) -> None:
+    assembler = make()
     assembler.feed(begin())
     with pytest.raises(OutOfOrderMessage, match=r"16/B374D948 .* 16/B374D848 is still open"):
         assembler.feed(begin(FINAL_LSN + 0x100))
@@ -532,8 +596,8 @@ def test_a_begin_inside_an_open_transaction_is_refused_until_discarded() -> None
     assert txn is not None and txn.changes == ()
 
 
-def test_a_change_on_an_unknown_relation_is_refused() -> None:
-    assembler = TransactionAssembler()
+def test_a_change_on_an_unknown_relation_is_refused(make: Make) -> None:
+    assembler = make()
     assembler.feed(begin())
     with pytest.raises(UnknownRelation, match=r"oid 16400 .* committing at 16/B374D848"):
         assembler.feed(insert(EVENTS_OID, "1"))
@@ -541,15 +605,15 @@ def test_a_change_on_an_unknown_relation_is_refused() -> None:
         assembler.feed(truncate((CONTENT_OID,)))
 
 
-def test_a_tuple_that_does_not_fit_its_relation_is_refused() -> None:
-    assembler = TransactionAssembler()
+def test_a_tuple_that_does_not_fit_its_relation_is_refused(make: Make) -> None:
+    assembler = make()
     feed_all(assembler, begin(), relation(CONTENT_OID, "content", CONTENT_COLUMNS, b"d"))
     with pytest.raises(PgOutputError, match=r"public.content: a tuple of 2 values for 3 columns"):
         assembler.feed(insert(CONTENT_OID, "c", "s"))
 
 
-def test_binary_values_are_refused_by_the_assembler() -> None:
-    assembler = TransactionAssembler()
+def test_binary_values_are_refused_by_the_assembler(make: Make) -> None:
+    assembler = make()
     feed_all(assembler, begin(), relation(CONTENT_OID, "content", CONTENT_COLUMNS, b"d"))
     with pytest.raises(PgOutputError, match=r"binary-format value .* without the 'binary' option"):
         assembler.feed(insert(CONTENT_OID, "c", b"s", "t"))
@@ -568,13 +632,13 @@ def captured_frames() -> Iterator[tuple[int, bytes]]:
         pos += size
 
 
-def test_captured_server_stream_decodes_to_what_was_written() -> None:
+def test_captured_server_stream_decodes_to_what_was_written(make: Make) -> None:
     from tests.fixtures.pgoutput import capture
 
     frames = list(captured_frames())
     kinds = "".join(chr(payload[0]) for _, payload in frames)
     assert kinds == "BRIIRICBUDUCBRRTC"
-    assembler = TransactionAssembler()
+    assembler = make()
     inserts, changes, truncates = (
         t for lsn, payload in frames if (t := assembler.feed(payload, wal_lsn=lsn))
     )
