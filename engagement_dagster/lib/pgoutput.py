@@ -832,7 +832,8 @@ class TransactionSource(Protocol):
 def new_assembler() -> TransactionSource:
     """The native assembler (package engagement-pgoutput, built by `make install`): the same
     Change and Transaction objects and the same errors as TransactionAssembler, which it asks
-    to name any message it refuses; ~N times faster on the stream's messages."""
+    to name any message it refuses. An Insert of an event costs ~0.47 us a change in it
+    against ~5.2 us here (Begin, two Inserts, Commit; the best of 3 rounds of 100k)."""
     import engagement_pgoutput
 
     return engagement_pgoutput.Assembler(sys.modules[__name__])
