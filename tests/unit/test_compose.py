@@ -303,6 +303,27 @@ def test_image_installs_the_locked_project_without_dev_tools() -> None:
     )
 
 
+def test_the_image_builds_the_native_decoder_and_leaves_its_toolchain_behind() -> None:
+    """uv.lock has native/ (Rust) as a path source: the first `uv sync` builds it with cargo."""
+    instructions = _dockerfile_instructions()
+    first_sync = next(
+        i
+        for i, (keyword, args) in enumerate(instructions)
+        if keyword == "RUN" and "uv sync" in args
+    )
+    before = instructions[:first_sync]
+    assert any(k == "COPY" and "native" in shlex.split(a) for k, a in before), (
+        "native/ is not in the build before the first uv sync, which must build it"
+    )
+    assert any(k == "RUN" and "rustup" in a for k, a in before), "no Rust toolchain to build it"
+    stages = [args for keyword, args in instructions if keyword == "FROM"]
+    assert len(stages) == 2 and stages[-1] == "python:3.11-slim", (
+        f"the final image should be a fresh python:3.11-slim without the toolchain: {stages}"
+    )
+    final = instructions[[k for k, _ in instructions].index("FROM", 1) :]
+    assert ("COPY", "--from=build /opt/dagster/venv /opt/dagster/venv") in final
+
+
 def test_dockerignore_keeps_local_state_out_but_not_what_the_image_copies() -> None:
     path = REPO_ROOT / ".dockerignore"
     assert path.is_file(), ".dockerignore is missing: .venv and .local would enter the build"
