@@ -489,6 +489,7 @@ class ChildUsage:
     # Peak of their memory less the pages mapped from files (shared libraries: chDB's is 555 MB
     # on disk), which the kernel can drop and re-read, and other processes share.
     private_mb: float
+    stream_rss_mb: float  # peak of the stream process alone, without its sink process
     exit_code: int
     changes: int | None  # from its last line, `done: caught up=..., N changes`
     caught_up: bool | None
@@ -522,14 +523,15 @@ class StreamChild:
                 env={**os.environ, "COLUMNS": "200"},
             )
         self.usage: ChildUsage | None = None
-        self.peak_rss_mb = self.peak_private_mb = 0.0
+        self.peak_rss_mb = self.peak_private_mb = self.peak_stream_mb = 0.0
         threading.Thread(target=self._sample_rss, name="stream-rss", daemon=True).start()
 
     def _sample_rss(self) -> None:
         while self.usage is None:
-            rss, private = self.memory_mb() or (0.0, 0.0)
+            rss, private, stream = self.memory_mb() or (0.0, 0.0, 0.0)
             self.peak_rss_mb = max(self.peak_rss_mb, rss)
             self.peak_private_mb = max(self.peak_private_mb, private)
+            self.peak_stream_mb = max(self.peak_stream_mb, stream)
             time.sleep(0.25)
 
     @property
@@ -575,6 +577,7 @@ class StreamChild:
             rss_mb=round(max(self.peak_rss_mb, rusage.ru_maxrss / 1024), 1),
             largest_rss_mb=round(rusage.ru_maxrss / 1024, 1),  # Linux: kilobytes
             private_mb=self.peak_private_mb,
+            stream_rss_mb=self.peak_stream_mb,
             exit_code=code,
             changes=int(done[-1][1].replace(",", "")) if done else None,
             caught_up=done[-1][0] == "True" if done else None,
@@ -590,16 +593,18 @@ class StreamChild:
         memory = self.memory_mb()
         return memory[0] if memory else None
 
-    def memory_mb(self) -> tuple[float, float] | None:
-        """Current RSS of the stream and its children, and the part of it not mapped from files
-        (RSS less the resident file-backed and shared pages, /proc/<pid>/statm)."""
+    def memory_mb(self) -> tuple[float, float, float] | None:
+        """Current RSS of the stream and its children, the part of it not mapped from files
+        (RSS less the resident file-backed and shared pages, /proc/<pid>/statm), and the RSS of
+        the stream process alone."""
         try:
             stream = psutil.Process(self.pid)
             infos = [p.memory_info() for p in (stream, *stream.children(recursive=True))]
         except psutil.Error:
             return None
         rss = sum(i.rss for i in infos)
-        return round(rss / 2**20, 1), round((rss - sum(i.shared for i in infos)) / 2**20, 1)
+        private = rss - sum(i.shared for i in infos)
+        return round(rss / 2**20, 1), round(private / 2**20, 1), round(infos[0].rss / 2**20, 1)
 
 
 def wait_for_slot_holder(settings: Settings, child: StreamChild, timeout_s: float = 120) -> None:
@@ -1169,6 +1174,7 @@ def run_bench(namespace: BenchNamespace, options: BenchOptions, say: Say) -> dic
             "rss_mb": caught.usage.rss_mb,
             "rss_mb_largest_process": caught.usage.largest_rss_mb,
             "rss_private_mb": caught.usage.private_mb,
+            "rss_mb_stream_process": caught.usage.stream_rss_mb,
             "cpu_pct": caught.usage.cpu_pct,
             "catchup_cpu_s": caught.cpu_s,
             "catchup_machine_busy_pct": _busy_pct(caught.cpu_s, caught.usage.wall_s),
@@ -1336,6 +1342,7 @@ def bench_table(result: dict[str, Any]) -> Table:
         ("efficiency", result["efficiency"], ">= 0.3"),
         ("rss_mb (catch-up peak)", result["rss_mb"], "< 600"),
         ("  of it not mapped from files", result["rss_private_mb"], ""),
+        ("  the stream process alone (no sink process)", result["rss_mb_stream_process"], ""),
         ("cpu_pct (catch-up)", result["cpu_pct"], ""),
         ("machine busy % (catch-up, all processes)", result["catchup_machine_busy_pct"], ""),
         *((f"  CPU s: {name}", value, "") for name, value in result["catchup_cpu_s"].items()),

@@ -78,6 +78,7 @@ def test_bench_reports_every_figure_and_cleans_up(
     assert result["catchup_changes"] == result["backlog_changes"]  # the same backlog, read twice
     assert result["rss_mb"] > 50  # a real process's peak, from the kernel
     assert 0 < result["rss_private_mb"] < result["rss_mb"]  # less the pages mapped from files
+    assert 50 < result["rss_mb_stream_process"] < result["rss_mb"]  # without its sink process
     # Where the catch-up's CPU went: every process is local here, so each has its figure.
     cpu = result["catchup_cpu_s"]
     assert set(cpu) == {"stream", "clickhouse_process", "postgres_walsender", "redis",
