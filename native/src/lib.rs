@@ -371,21 +371,14 @@ impl Assembler {
                 reader.end()?;
                 let (open, known) = self.target(oid)?;
                 text(&new, known)?;
-                let change = self.change.make(
+                let change = self.new_change(
                     py,
-                    &[
-                        known.name.as_ptr(),
-                        self.op_insert.as_ptr(),
-                        new.tuple.as_ptr(),
-                        py.None().as_ptr(),
-                        false_ptr(py),
-                        known.columns.as_ptr(),
-                        open.final_lsn_object.as_ptr(),
-                        open.commit_ts.as_ptr(),
-                        known.namespace.as_ptr(),
-                        known.oid.as_ptr(),
-                        known.column_types.as_ptr(),
-                    ],
+                    open,
+                    known,
+                    &self.op_insert,
+                    new.tuple.as_ptr(),
+                    py.None().as_ptr(),
+                    false_ptr(py),
                 )?;
                 self.changes.push(change);
                 Ok(None)
@@ -421,21 +414,14 @@ impl Assembler {
                 let old_ptr = old
                     .as_ref()
                     .map_or(py.None().as_ptr(), |old| old.tuple.as_ptr());
-                let change = self.change.make(
+                let change = self.new_change(
                     py,
-                    &[
-                        known.name.as_ptr(),
-                        self.op_update.as_ptr(),
-                        new_tuple.as_ptr(),
-                        old_ptr,
-                        bool_ptr(py, marker == b'K'),
-                        known.columns.as_ptr(),
-                        open.final_lsn_object.as_ptr(),
-                        open.commit_ts.as_ptr(),
-                        known.namespace.as_ptr(),
-                        known.oid.as_ptr(),
-                        known.column_types.as_ptr(),
-                    ],
+                    open,
+                    known,
+                    &self.op_update,
+                    new_tuple.as_ptr(),
+                    old_ptr,
+                    bool_ptr(py, marker == b'K'),
                 )?;
                 self.changes.push(change);
                 Ok(None)
@@ -450,21 +436,14 @@ impl Assembler {
                 reader.end()?;
                 let (open, known) = self.target(oid)?;
                 text(&old, known)?;
-                let change = self.change.make(
+                let change = self.new_change(
                     py,
-                    &[
-                        known.name.as_ptr(),
-                        self.op_delete.as_ptr(),
-                        py.None().as_ptr(),
-                        old.tuple.as_ptr(),
-                        bool_ptr(py, marker == b'K'),
-                        known.columns.as_ptr(),
-                        open.final_lsn_object.as_ptr(),
-                        open.commit_ts.as_ptr(),
-                        known.namespace.as_ptr(),
-                        known.oid.as_ptr(),
-                        known.column_types.as_ptr(),
-                    ],
+                    open,
+                    known,
+                    &self.op_delete,
+                    py.None().as_ptr(),
+                    old.tuple.as_ptr(),
+                    bool_ptr(py, marker == b'K'),
                 )?;
                 self.changes.push(change);
                 Ok(None)
@@ -575,21 +554,14 @@ impl Assembler {
                 let mut truncated = Vec::with_capacity(oids.len());
                 for oid in oids {
                     let known = self.relations.get(&oid).ok_or(Fault::Refer)?;
-                    truncated.push(self.change.make(
+                    truncated.push(self.new_change(
                         py,
-                        &[
-                            known.name.as_ptr(),
-                            self.op_truncate.as_ptr(),
-                            py.None().as_ptr(),
-                            py.None().as_ptr(),
-                            false_ptr(py),
-                            known.columns.as_ptr(),
-                            open.final_lsn_object.as_ptr(),
-                            open.commit_ts.as_ptr(),
-                            known.namespace.as_ptr(),
-                            known.oid.as_ptr(),
-                            known.column_types.as_ptr(),
-                        ],
+                        open,
+                        known,
+                        &self.op_truncate,
+                        py.None().as_ptr(),
+                        py.None().as_ptr(),
+                        false_ptr(py),
                     )?);
                 }
                 self.changes.extend(truncated);
@@ -603,6 +575,36 @@ impl Assembler {
             _ => return Err(Fault::Refer),
         }
         Ok(())
+    }
+
+    /// One Change of the open transaction on a known relation (`new`, `old`: borrowed).
+    #[allow(clippy::too_many_arguments)]
+    fn new_change(
+        &self,
+        py: Python<'_>,
+        open: &Open,
+        known: &Known,
+        op: &Py<PyAny>,
+        new: *mut ffi::PyObject,
+        old: *mut ffi::PyObject,
+        old_is_key_only: *mut ffi::PyObject,
+    ) -> PyResult<Py<PyAny>> {
+        self.change.make(
+            py,
+            &[
+                known.name.as_ptr(),
+                op.as_ptr(),
+                new,
+                old,
+                old_is_key_only,
+                known.columns.as_ptr(),
+                open.final_lsn_object.as_ptr(),
+                open.commit_ts.as_ptr(),
+                known.namespace.as_ptr(),
+                known.oid.as_ptr(),
+                known.column_types.as_ptr(),
+            ],
+        )
     }
 
     /// The open transaction and the relation a change names; either missing: the reference.
